@@ -1,0 +1,33 @@
+# Two commands on a fresh machine: `make run` (the default experiment) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONFIG ?= configs/quickstart.toml
+ARGS ?=
+
+.PHONY: run test bench bench-quick clean
+
+# The venv is rebuilt when pyproject.toml changes; one stamp per extras set.
+$(VENV)/.base: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.base
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+run: $(VENV)/.base
+	$(VENV)/bin/ecavg run --config $(CONFIG) $(ARGS)
+
+test: $(VENV)/.dev
+	$(PY) -m pytest -q $(ARGS)
+
+bench: $(VENV)/.dev
+	$(PY) bench/run.py
+
+bench-quick: $(VENV)/.dev
+	$(PY) bench/run.py --quick
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

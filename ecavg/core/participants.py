@@ -1,0 +1,201 @@
+"""What an edge and the server do with weights and data, independent of how weights travel between them.
+
+The embedded runtime calls these objects directly; the Flower runtime calls the same objects from its
+ClientApp and ServerApp. Seeds are derived from (experiment seed, participant, phase) so that both runtimes
+make the same random choices and produce the same numbers.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from ecavg.core.training import TrainingSettings, evaluate, recalibrate_batchnorm, train
+from ecavg.data import ImageDataset, TensorLoader
+from ecavg.models import build_model, load_pretrained, uses_channels_last
+
+StateDict = dict[str, torch.Tensor]
+
+EVAL_BATCH_SIZE = 1024
+
+
+def derive_seed(seed: int, *parts: object) -> int:
+    """A stable 31-bit seed for one participant and phase (stable across processes, unlike hash())."""
+    text = "/".join([str(seed), *map(str, parts)])
+    return zlib.crc32(text.encode()) & 0x7FFFFFFF
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device = {name!r} was asked for but CUDA is not available here; use device = \"cpu\" or \"auto\"")
+    return device
+
+
+def cpu_state_dict(model: nn.Module) -> StateDict:
+    """A detached, contiguous CPU copy of the model's weights (what is sent or stored)."""
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """The shape of the task, needed to build a model and normalise inputs."""
+
+    num_classes: int
+    in_channels: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_padding: int = 0
+    flip: bool = False
+
+
+@dataclass
+class ModelFactory:
+    name: str
+    options: dict[str, Any]
+    spec: DataSpec
+    device: torch.device
+    pretrained: str = ""
+    channels_last: bool = False  # set by build(): conv nets run in channels_last, inputs must match
+
+    def build(self, seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        model = build_model(
+            self.name, num_classes=self.spec.num_classes, in_channels=self.spec.in_channels,
+            image_size=self.spec.image_size, options=dict(self.options),
+        )
+        if self.pretrained:
+            load_pretrained(model, self.pretrained)
+        model = model.to(self.device)
+        self.channels_last = uses_channels_last(model)
+        if self.channels_last:
+            # Measured ~4.5x faster MobileNetV2 training on this CPU than the default layout.
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    def loader(self, data: ImageDataset, batch_size: int, *, train: bool, seed: int = 0) -> TensorLoader:
+        return TensorLoader(
+            data, batch_size, mean=self.spec.mean, std=self.spec.std, shuffle=train,
+            crop_padding=self.spec.crop_padding if train else 0, flip=self.spec.flip and train,
+            drop_last=train and len(data) > batch_size, device=self.device,
+            channels_last=self.channels_last, seed=seed,
+        )
+
+
+def load_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
+    """Load weights into a model in place (strict: every key must match)."""
+    model.load_state_dict(weights, strict=True)
+
+
+@dataclass
+class EdgeWorker:
+    """One edge: its own training and test partitions and its current model."""
+
+    name: str
+    index: int
+    train_data: ImageDataset
+    test_data: ImageDataset
+    factory: ModelFactory
+    settings: TrainingSettings
+    seed: int
+    eval_each_epoch: bool = True
+    model: nn.Module | None = field(default=None, repr=False)
+
+    def fit(self, weights: Mapping[str, torch.Tensor] | None, *, phase: str, epochs: int | None = None) -> dict[str, Any]:
+        """Train from ``weights`` (None: this edge's own random init) and evaluate on the edge's test partition.
+
+        Returns {"weights", "num_samples", "accuracy", "test_samples", "history"}.
+        """
+        model = self.factory.build(derive_seed(self.seed, "init", self.name))
+        if weights is not None:
+            load_weights(model, weights)
+        settings = self.settings if epochs is None else TrainingSettings(**{**self.settings.__dict__, "epochs": epochs})
+        torch.manual_seed(derive_seed(self.seed, phase, self.name, "train"))
+        loader = self.factory.loader(self.train_data, settings.batch_size, train=True,
+                                     seed=derive_seed(self.seed, phase, self.name, "shuffle"))
+        test_loader = self.factory.loader(self.test_data, EVAL_BATCH_SIZE, train=False)
+
+        def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+            if self.eval_each_epoch and epoch < settings.epochs:
+                metrics["test_accuracy"] = evaluate(model, test_loader)["accuracy"]
+
+        history = train(model, loader, settings, desc=f"{self.name} {phase}", on_epoch=on_epoch)
+        result = evaluate(model, test_loader, desc=f"{self.name} evaluate")
+        if history:
+            history[-1]["test_accuracy"] = result["accuracy"]
+        self.model = model
+        return {
+            "weights": cpu_state_dict(model),
+            "num_samples": len(self.train_data),
+            "accuracy": result["accuracy"],
+            "test_samples": result["samples"],
+            "history": history,
+        }
+
+    def evaluate(self, weights: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        """Replace the edge's model with ``weights`` and evaluate it on the edge's test partition."""
+        model = self.factory.build(derive_seed(self.seed, "init", self.name))
+        load_weights(model, weights)
+        self.model = model
+        result = evaluate(model, self.factory.loader(self.test_data, EVAL_BATCH_SIZE, train=False),
+                          desc=f"{self.name} evaluate")
+        return {"accuracy": result["accuracy"], "test_samples": result["samples"]}
+
+
+@dataclass
+class ServerWorker:
+    """The server: builds the shared start, evaluates on the full test set, fine-tunes on the edges' data."""
+
+    factory: ModelFactory
+    settings: TrainingSettings
+    test_data: ImageDataset
+    seed: int
+    eval_each_epoch: bool = True
+
+    def new_model(self, weights: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+        model = self.factory.build(derive_seed(self.seed, "init", "server"))
+        if weights is not None:
+            load_weights(model, weights)
+        return model
+
+    def evaluate(self, weights: Mapping[str, torch.Tensor]) -> float:
+        model = self.new_model(weights)
+        return evaluate(model, self.factory.loader(self.test_data, EVAL_BATCH_SIZE, train=False),
+                        desc="server evaluate")["accuracy"]
+
+    def train(
+        self, weights: Mapping[str, torch.Tensor] | None, data: ImageDataset, *, phase: str, epochs: int,
+        on_epoch_record: Callable[[dict[str, float]], None] | None = None,
+    ) -> tuple[StateDict, list[dict[str, float]]]:
+        """Train from ``weights`` (None: the server's seeded random init) on ``data`` for ``epochs`` epochs."""
+        model = self.new_model(weights)
+        settings = TrainingSettings(**{**self.settings.__dict__, "epochs": epochs})
+        torch.manual_seed(derive_seed(self.seed, phase, "server", "train"))
+        loader = self.factory.loader(data, settings.batch_size, train=True,
+                                     seed=derive_seed(self.seed, phase, "server", "shuffle"))
+        test_loader = self.factory.loader(self.test_data, EVAL_BATCH_SIZE, train=False)
+
+        def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+            if self.eval_each_epoch or epoch == epochs:
+                metrics["test_accuracy"] = evaluate(model, test_loader)["accuracy"]
+            if on_epoch_record is not None:
+                on_epoch_record(metrics)
+
+        history = train(model, loader, settings, desc=f"server {phase}", on_epoch=on_epoch)
+        return cpu_state_dict(model), history
+
+    def recalibrate(self, weights: Mapping[str, torch.Tensor], data: ImageDataset) -> StateDict | None:
+        """BatchNorm statistics recomputed on ``data``; None when the model has no BatchNorm."""
+        model = self.new_model(weights)
+        loader = self.factory.loader(data, self.settings.batch_size, train=True,
+                                     seed=derive_seed(self.seed, "bn_recalibration", "server"))
+        if not recalibrate_batchnorm(model, loader):
+            return None
+        return cpu_state_dict(model)

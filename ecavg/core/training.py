@@ -1,0 +1,186 @@
+"""Training and evaluation loops shared by edges and server, whatever runtime drives them."""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+log = logging.getLogger("ecavg")
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """One participant's optimiser settings (the [edge], [server] config sections)."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: str = "onecycle"
+    label_smoothing: float = 0.0
+
+    @classmethod
+    def from_config(cls, section: Mapping[str, Any], **override: Any) -> "TrainingSettings":
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in section.items() if k in names}
+        values.update(override)
+        return cls(**values)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training diverged: the loss became NaN or infinite (usually a learning rate that is too high)."""
+
+
+def _make_optimizer(model: nn.Module, s: TrainingSettings) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if s.optimizer == "sgd":
+        nesterov = s.nesterov and s.momentum > 0
+        return torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, nesterov=nesterov, weight_decay=s.weight_decay)
+    if s.optimizer == "adam":
+        return torch.optim.Adam(params, lr=s.lr, weight_decay=s.weight_decay)
+    if s.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    raise ValueError(f"unknown optimizer {s.optimizer!r}")
+
+
+def _make_schedule(opt: torch.optim.Optimizer, s: TrainingSettings, total_steps: int):
+    if s.schedule == "constant" or total_steps <= 1:
+        return None
+    if s.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=s.lr, total_steps=total_steps, pct_start=0.25, anneal_strategy="linear",
+            cycle_momentum=False,
+        )
+    if s.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
+    raise ValueError(f"unknown schedule {s.schedule!r}")
+
+
+def _progress(iterable: Iterable, total: int, desc: str):
+    """A progress bar on a terminal; plain iteration (log lines come from the caller) otherwise."""
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+    return iterable
+
+
+def train(
+    model: nn.Module,
+    loader,
+    settings: TrainingSettings,
+    *,
+    desc: str = "train",
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+) -> list[dict[str, float]]:
+    """Train ``model`` in place for ``settings.epochs`` epochs over ``loader``.
+
+    ``on_epoch(epoch, metrics)`` is called after each epoch (1-based) and may add to ``metrics`` (e.g. a test
+    accuracy); the list of per-epoch metrics is returned.
+    """
+    if settings.epochs == 0:
+        return []
+    opt = _make_optimizer(model, settings)
+    sched = _make_schedule(opt, settings, settings.epochs * len(loader))
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
+    history: list[dict[str, float]] = []
+    for epoch in range(1, settings.epochs + 1):
+        model.train()
+        start = time.perf_counter()
+        # Sums stay on the device so the loop never waits for the accelerator.
+        loss_sum = torch.zeros((), device=_device_of(model))
+        correct = torch.zeros((), dtype=torch.long, device=_device_of(model))
+        seen = 0
+        for x, y in _progress(loader, len(loader), f"{desc} epoch {epoch}/{settings.epochs}"):
+            out = model(x)
+            loss = loss_fn(out, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            loss_sum += loss.detach() * y.numel()
+            correct += (out.detach().argmax(1) == y).sum()
+            seen += y.numel()
+        mean_loss = loss_sum.item() / max(seen, 1)
+        if not math.isfinite(mean_loss):
+            raise NonFiniteLossError(
+                f"{desc}: training loss became {mean_loss} in epoch {epoch}; lower the learning rate (lr={settings.lr})"
+            )
+        seconds = time.perf_counter() - start
+        metrics = {
+            "epoch": epoch,
+            "train_loss": mean_loss,
+            "train_accuracy": correct.item() / max(seen, 1),
+            "seconds": seconds,
+            "samples_per_s": seen / seconds if seconds > 0 else 0.0,
+        }
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+        log.info(
+            "%s epoch %d/%d: loss %.4f, train acc %.4f%s, %.1f s",
+            desc, epoch, settings.epochs, metrics["train_loss"], metrics["train_accuracy"],
+            f", test acc {metrics['test_accuracy']:.4f}" if "test_accuracy" in metrics else "", seconds,
+        )
+        history.append(metrics)
+    return history
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, *, desc: str = "evaluate") -> dict[str, float]:
+    """Accuracy (fraction) and mean cross-entropy loss of ``model`` over ``loader``."""
+    model.eval()
+    device = _device_of(model)
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    seen = 0
+    for x, y in _progress(loader, len(loader), desc):
+        out = model(x)
+        loss_sum += nn.functional.cross_entropy(out.float(), y, reduction="sum")
+        correct += (out.argmax(1) == y).sum()
+        seen += y.numel()
+    if seen == 0:
+        raise ValueError(f"{desc}: the evaluation data is empty")
+    return {"accuracy": correct.item() / seen, "loss": loss_sum.item() / seen, "samples": seen}
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, loader, *, max_batches: int = 200) -> bool:
+    """Recompute BatchNorm running statistics on ``loader`` (weights unchanged).
+
+    Averaged weights come with averaged running statistics, which do not describe the activations of the averaged
+    network; recomputing them on data the server holds often recovers much of the lost accuracy.
+    Returns False when the model has no BatchNorm layer.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return False
+    saved_momentum = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over all batches seen
+    model.train()
+    for i, (x, _) in enumerate(loader):
+        if i >= max_batches:
+            break
+        model(x)
+    for bn, m in zip(bns, saved_momentum):
+        bn.momentum = m
+    model.eval()
+    return True

@@ -1,0 +1,123 @@
+"""What every run leaves in its output directory: results.json, results.md, accuracy.png, weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Mapping
+
+from ecavg.core.checkpoint import write_text_atomic
+from ecavg.core.protocol import ATTACHED, Outcome
+from ecavg.core.serialization import save_state_dict
+
+SCHEMA_VERSION = 1
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.2f}%"
+
+
+def _delta(after: float | None, before: float | None) -> str:
+    if after is None or before is None:
+        return "-"
+    return f"{100 * (after - before):+.2f} pp"
+
+
+def results_table(results: Mapping[str, Any]) -> str:
+    """A readable markdown summary of one results dict."""
+    cfg = results.get("config", {})
+    lines = [
+        f"# {cfg.get('name') or 'ecavg run'}: {results['strategy']} on {results['dataset']} with {results['model']}",
+        "",
+        f"{results['num_edges']} edges, partition `{results['partition']}`, init `{cfg.get('init')}`"
+        f"{'' if cfg.get('shared_init', True) else ' (independent per edge)'}, seed {cfg.get('seed')}, "
+        f"edge epochs {cfg.get('edge', {}).get('epochs')}, server epochs {cfg.get('server', {}).get('epochs')}"
+        f"{', fedavg rounds ' + str(cfg.get('fedavg', {}).get('rounds')) if results['strategy'] == 'fedavg' else ''}.",
+        "",
+        "| participant | train samples | test samples | accuracy before | accuracy after | change |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for e in results["edges"]:
+        lines.append(
+            f"| {e['name']} | {e['train_samples']} | {e['test_samples']} | {_pct(e['accuracy_before'])} | "
+            f"{_pct(e['accuracy_after'])} | {_delta(e['accuracy_after'], e['accuracy_before'])} |"
+        )
+    s = results["server"]
+    lines += [
+        "",
+        "| server (full test set) | accuracy |",
+        "|---|---:|",
+        f"| averaged weights | {_pct(s.get('accuracy_averaged'))} |",
+    ]
+    if "accuracy_averaged_before_bn_recalibration" in s:
+        lines.append(f"| averaged, before BatchNorm recalibration | {_pct(s['accuracy_averaged_before_bn_recalibration'])} |")
+    lines.append(f"| fine-tuned / trained | {_pct(s.get('accuracy_finetuned'))} |")
+    t, b = results["timing_s"], results["bytes"]
+    lines += [
+        "",
+        "Time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()) + ".",
+        f"Bytes: uplink {b['uplink']:,}, downlink {b['downlink']:,}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot_accuracy(results: Mapping[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, before, after = [], [], []
+    for e in results["edges"]:
+        labels.append(e["name"])
+        before.append(e["accuracy_before"])
+        after.append(e["accuracy_after"])
+    s = results["server"]
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * (len(labels) + 2)), 3.6))
+    xs = list(range(len(labels)))
+    width = 0.38
+    ax.bar([x - width / 2 for x in xs], [100 * (v or 0) for v in before], width, label="edge before update",
+           color="#9ecae1")
+    ax.bar([x + width / 2 for x in xs], [100 * (v or 0) for v in after], width, label="edge after update",
+           color="#3182bd")
+    sx = len(labels)
+    ax.bar([sx - width / 2], [100 * (s.get("accuracy_averaged") or 0)], width, label="server averaged", color="#fdae6b")
+    ax.bar([sx + width / 2], [100 * (s.get("accuracy_finetuned") or 0)], width, label="server fine-tuned",
+           color="#e6550d")
+    ax.set_xticks(xs + [sx], labels + ["server"])
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"{results['strategy']}: {results['dataset']} / {results['model']}")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Edges whose final weights equal the server's get a hard link, not a second copy of the bytes."""
+    dst.unlink(missing_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def write_outputs(out_dir: Path, results: Mapping[str, Any], outcome: Outcome) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    server_path = out_dir / "server.safetensors"
+    if outcome.server_weights is not None:
+        save_state_dict(server_path, outcome.server_weights)
+    for name, weights in outcome.edge_weights.items():
+        path = out_dir / f"{name}.safetensors"
+        if isinstance(weights, str) and weights == ATTACHED:
+            _link_or_copy(server_path, path)
+        else:
+            save_state_dict(path, weights)
+    write_text_atomic(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
+    write_text_atomic(out_dir / "results.md", results_table(results))
+    plot_accuracy(results, out_dir / "accuracy.png")
