@@ -1,0 +1,254 @@
+"""Model weights on the wire and on disk, as safetensors (never pickle).
+
+Weights arriving from an edge are untrusted input: :func:`decode_state_dict` checks the payload size before
+parsing, rejects anything that is not well-formed safetensors, optionally checks keys/shapes/dtypes against a
+reference state dict, and rejects NaN/Inf in floating tensors. Every rejection raises :class:`WeightsError`
+naming the source (edge name or file path) and, where there is one, the tensor.
+
+Files are written atomically (temporary file in the same directory, fsync, ``os.replace``), so a crash or a
+failed write never leaves a half-written file in place of a good one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as _safetensors_load
+from safetensors.torch import save as _safetensors_save
+from torch import Tensor
+
+__all__ = [
+    "WeightsError",
+    "decode_metadata",
+    "decode_state_dict",
+    "encode_state_dict",
+    "load_state_dict",
+    "save_state_dict",
+    "state_dict_nbytes",
+]
+
+# safetensors layout: an 8-byte little-endian header length, a JSON header, then the raw tensor bytes.
+_HEADER_LENGTH_BYTES = 8
+# Same cap the safetensors library applies; a larger header is garbage or an attack, not a model.
+_MAX_HEADER_BYTES = 100_000_000
+
+
+class WeightsError(ValueError):
+    """Weights that cannot be encoded, decoded or loaded; the message names the source and the tensor."""
+
+
+def state_dict_nbytes(state_dict: Mapping[str, Tensor]) -> int:
+    """Total raw tensor bytes in `state_dict` (what the payload costs, without the small header)."""
+    return sum(t.numel() * t.element_size() for t in state_dict.values())
+
+
+def _check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str] | None:
+    if metadata is None:
+        return None
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise WeightsError(
+                f"metadata must map str to str; got {type(key).__name__} -> {type(value).__name__} for {key!r}"
+            )
+    return dict(metadata)
+
+
+def encode_state_dict(state_dict: Mapping[str, Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """Serialize `state_dict` to safetensors bytes.
+
+    Tensors are detached, moved to the CPU and made contiguous. safetensors refuses tensors that share
+    storage (tied weights, views); those are cloned so each is written out in full.
+    """
+    checked_metadata = _check_metadata(metadata)
+    prepared: dict[str, Tensor] = {}
+    seen_storages: set[int] = set()
+    for key, tensor in state_dict.items():
+        if not isinstance(key, str):
+            raise WeightsError(f"tensor names must be str, got {type(key).__name__} {key!r}")
+        if not isinstance(tensor, Tensor):
+            raise WeightsError(f"tensor {key!r} is a {type(tensor).__name__}, not a torch.Tensor")
+        if tensor.layout != torch.strided:
+            raise WeightsError(f"tensor {key!r} has layout {tensor.layout}; only dense tensors can be saved")
+        cpu_tensor = tensor.detach().to("cpu").contiguous()
+        if cpu_tensor.numel() > 0:
+            storage_ptr = cpu_tensor.untyped_storage().data_ptr()
+            if storage_ptr in seen_storages:
+                cpu_tensor = cpu_tensor.clone()
+            else:
+                seen_storages.add(storage_ptr)
+        prepared[key] = cpu_tensor
+    try:
+        return _safetensors_save(prepared, metadata=checked_metadata)
+    except (SafetensorError, ValueError, TypeError, RuntimeError) as error:
+        raise WeightsError(f"cannot encode state dict as safetensors: {error}") from error
+
+
+def _read_header(data: bytes | bytearray | memoryview, source: str) -> dict:
+    """Parse and sanity-check the safetensors JSON header of `data`."""
+    if len(data) < _HEADER_LENGTH_BYTES:
+        raise WeightsError(f"weights from {source}: {len(data)} bytes is too short to be a safetensors payload")
+    (header_length,) = struct.unpack("<Q", bytes(data[:_HEADER_LENGTH_BYTES]))
+    if header_length > _MAX_HEADER_BYTES or header_length > len(data) - _HEADER_LENGTH_BYTES:
+        raise WeightsError(
+            f"weights from {source}: not a valid safetensors payload (header length {header_length} "
+            f"does not fit in {len(data)} bytes)"
+        )
+    raw_header = bytes(data[_HEADER_LENGTH_BYTES : _HEADER_LENGTH_BYTES + header_length])
+    try:
+        header = json.loads(raw_header.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise WeightsError(f"weights from {source}: not a valid safetensors payload (bad header: {error})") from None
+    if not isinstance(header, dict):
+        raise WeightsError(f"weights from {source}: not a valid safetensors payload (header is not a JSON object)")
+    return header
+
+
+def decode_metadata(data: bytes | bytearray | memoryview, *, name: str = "payload") -> dict[str, str]:
+    """The string metadata stored in a safetensors payload (empty dict when there is none)."""
+    metadata = _read_header(data, repr(name)).get("__metadata__") or {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise WeightsError(f"weights from {name!r}: metadata is not a mapping of str to str")
+    return dict(metadata)
+
+
+def _validate_tensors(
+    tensors: Mapping[str, Tensor], reference: Mapping[str, Tensor] | None, source: str
+) -> None:
+    if reference is not None:
+        missing = reference.keys() - tensors.keys()
+        if missing:
+            raise WeightsError(f"weights from {source}: missing tensor(s) {', '.join(repr(k) for k in sorted(missing))}")
+        unexpected = tensors.keys() - reference.keys()
+        if unexpected:
+            raise WeightsError(
+                f"weights from {source}: unexpected tensor(s) {', '.join(repr(k) for k in sorted(unexpected))}"
+            )
+        for key, expected in reference.items():
+            tensor = tensors[key]
+            if tensor.shape != expected.shape:
+                raise WeightsError(
+                    f"weights from {source}: tensor {key!r} has shape {tuple(tensor.shape)}, "
+                    f"expected {tuple(expected.shape)}"
+                )
+            if tensor.dtype != expected.dtype:
+                raise WeightsError(
+                    f"weights from {source}: tensor {key!r} has dtype {tensor.dtype}, expected {expected.dtype}"
+                )
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise WeightsError(f"weights from {source}: tensor {key!r} contains NaN or Inf values")
+
+
+def _decode(
+    data: bytes | bytearray | memoryview,
+    source: str,
+    reference: Mapping[str, Tensor] | None,
+    max_bytes: int | None,
+) -> dict[str, Tensor]:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise WeightsError(f"weights from {source}: expected bytes, got {type(data).__name__}")
+    if max_bytes is not None and len(data) > max_bytes:
+        raise WeightsError(f"weights from {source}: payload of {len(data)} bytes exceeds the limit of {max_bytes} bytes")
+    _read_header(data, source)  # clear message for the common garbage/truncation cases
+    try:
+        tensors = _safetensors_load(bytes(data))
+    except (SafetensorError, ValueError, TypeError, RuntimeError) as error:
+        raise WeightsError(f"weights from {source}: not a valid safetensors payload ({error})") from None
+    _validate_tensors(tensors, reference, source)
+    if reference is not None:
+        # safetensors stores tensors in its own order; hand them back in the reference's order.
+        tensors = {key: tensors[key] for key in reference}
+    return tensors
+
+
+def decode_state_dict(
+    data: bytes | bytearray | memoryview,
+    *,
+    name: str,
+    reference: Mapping[str, Tensor] | None = None,
+    max_bytes: int | None = None,
+) -> dict[str, Tensor]:
+    """Decode safetensors bytes received from `name` (an edge) into a state dict of CPU tensors.
+
+    With a `reference`, the keys come back in the reference's order.
+
+    Raises WeightsError naming `name` (and the tensor, where one is at fault) when the payload exceeds
+    `max_bytes` (checked before parsing), is not valid safetensors (truncated, garbage, bad header), does
+    not match `reference` in keys, shapes or dtypes, or holds NaN/Inf in a floating tensor.
+    """
+    return _decode(data, repr(name), reference, max_bytes)
+
+
+def save_state_dict(
+    path: str | os.PathLike[str], state_dict: Mapping[str, Tensor], metadata: dict[str, str] | None = None
+) -> None:
+    """Write `state_dict` to `path` as safetensors, atomically.
+
+    The bytes go to a temporary file in the same directory, are fsynced, and then ``os.replace`` puts the
+    file in place: readers see either the old file or the complete new one. Missing parent directories
+    are created. I/O failures propagate as OSError after the temporary file is removed.
+    """
+    payload = encode_state_dict(state_dict, metadata)
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp_name, target)
+    except BaseException:
+        try:
+            os.unlink(temp_name)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_directory(target.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    # Makes the rename itself durable on POSIX; not possible (nor needed) on every platform.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_state_dict(
+    path: str | os.PathLike[str],
+    *,
+    reference: Mapping[str, Tensor] | None = None,
+    name: str | None = None,
+    max_bytes: int | None = None,
+) -> dict[str, Tensor]:
+    """Read a safetensors file written by :func:`save_state_dict`, with the checks of :func:`decode_state_dict`.
+
+    A missing, unreadable or corrupt file raises WeightsError naming the path (and `name`, if given).
+    """
+    source = f"{name!r} ({str(path)!r})" if name is not None else repr(str(path))
+    file_path = Path(path)
+    try:
+        if max_bytes is not None and file_path.stat().st_size > max_bytes:
+            raise WeightsError(
+                f"weights from {source}: file of {file_path.stat().st_size} bytes exceeds the limit of {max_bytes} bytes"
+            )
+        data = file_path.read_bytes()
+    except FileNotFoundError:
+        raise WeightsError(f"weights from {source}: file not found") from None
+    except OSError as error:
+        raise WeightsError(f"weights from {source}: cannot read file ({error})") from None
+    return _decode(data, source, reference, max_bytes)
