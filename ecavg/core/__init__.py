@@ -3,10 +3,12 @@
 from ecavg.core.averaging import AggregationError, StreamingAverager, average_state_dicts
 from ecavg.core.serialization import (
     WeightsError,
+    decode_metadata,
     decode_state_dict,
     encode_state_dict,
     load_state_dict,
     save_state_dict,
+    state_dict_nbytes,
 )
 
 __all__ = [
@@ -14,8 +16,10 @@ __all__ = [
     "StreamingAverager",
     "average_state_dicts",
     "WeightsError",
+    "decode_metadata",
     "decode_state_dict",
     "encode_state_dict",
     "load_state_dict",
     "save_state_dict",
+    "state_dict_nbytes",
 ]
