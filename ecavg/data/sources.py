@@ -566,7 +566,9 @@ def _assemble_cifar(
             data = batch.get(b"data")
             if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
                 shape = getattr(data, "shape", None)
-                raise DataError(f"{where}: b'data' must be a uint8 array [N, 3072], found {type(data).__name__} {shape}")
+                raise DataError(
+                    f"{where}: b'data' must be a uint8 array [N, 3072], found {type(data).__name__} {shape}"
+                )
             if data.dtype != np.uint8:
                 raise DataError(f"{where}: b'data' has dtype {data.dtype}, expected uint8")
             batch_labels = batch.get(label_key)
