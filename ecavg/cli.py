@@ -47,6 +47,53 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_deploy(args: argparse.Namespace) -> int:
+    from ecavg.config import apply_overrides, load_toml
+    from ecavg.deploy import DeployError, deploy_local, deploy_submit
+    from ecavg.report import results_table
+
+    if args.config is None:
+        raise _UsageError("give --config FILE (e.g. configs/quickstart.toml)")
+    if args.where == "submit" and args.output is None:
+        raise _UsageError("give --output DIR: the output directory on the SuperLink's host")
+    user = apply_overrides(load_toml(args.config), args.overrides)
+    user.setdefault("name", args.config.stem)
+    try:
+        if args.where == "local":
+            results = deploy_local(user, edges=args.edges, data_dir=args.data_dir, output_dir=args.output,
+                                   tls=args.tls, node_auth=args.auth, timeout_s=args.timeout)
+        else:
+            results = deploy_submit(user, superlink=args.superlink, output_dir=str(args.output),
+                                    data_dir=args.data_dir, root_certificates=args.root_certificates,
+                                    insecure=args.insecure, timeout_s=args.timeout, follow=not args.no_follow)
+    except DeployError as e:
+        print(f"ecavg: error: {e}", file=sys.stderr)
+        return 1
+    if isinstance(results, int):
+        print(f"Submitted run {results}; follow it with `flwr log {results} <connection>`")
+        return 0
+    if "edges" in results:
+        print(results_table(results))
+    print(f"Results written to {results['output_dir']}/ (results.json, results.md, metrics.jsonl, logs/)")
+    return 0
+
+
+def _cmd_certs(args: argparse.Namespace) -> int:
+    from ecavg.certs import CertificateError, make_credentials
+
+    try:
+        creds = make_credentials(args.out, hosts=args.hosts, num_nodes=args.nodes, days=args.days,
+                                 overwrite=args.force)
+    except CertificateError as e:
+        print(f"ecavg: error: {e}", file=sys.stderr)
+        return 2
+    print(f"CA:                {creds.ca_cert} (give to every SuperNode; keep {creds.ca_key.name} offline)")
+    print(f"SuperLink TLS:     {creds.server_cert}, {creds.server_key} (valid for {', '.join(args.hosts)})")
+    for private, public in creds.node_keys:
+        print(f"SuperNode key:     {private} (stays on the edge host), {public} (register with the SuperLink)")
+    return 0
+
+
 class _UsageError(Exception):
     pass
 
@@ -61,6 +108,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_arguments(run)
     run.add_argument("--resume", type=Path, metavar="DIR", help="continue an interrupted run in DIR")
     run.set_defaults(func=_cmd_run)
+
+    deploy = sub.add_parser("deploy", help="run one experiment on a Flower federation (see docs/deploy.md)")
+    deploy_sub = deploy.add_subparsers(dest="where", required=True)
+    local = deploy_sub.add_parser("local", help="start a SuperLink and N SuperNodes on 127.0.0.1 and run there")
+    _add_run_arguments(local)
+    local.add_argument("--edges", "-n", type=int, help="number of SuperNodes (edges); default data.num_edges")
+    local.add_argument("--tls", action="store_true", help="TLS on every connection (throw-away CA in the output)")
+    local.add_argument("--auth", action="store_true", help="SuperNode authentication (needs --tls)")
+    local.add_argument("--timeout", type=float, metavar="SECONDS", help="give up after this long")
+    local.set_defaults(func=_cmd_deploy)
+    submit = deploy_sub.add_parser("submit", help="submit to a running SuperLink (multi-host deployment)")
+    _add_run_arguments(submit)
+    submit.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the SuperLink's address")
+    submit.add_argument("--root-certificates", metavar="CA.crt", help="CA certificate that signed the SuperLink's")
+    submit.add_argument("--insecure", action="store_true", help="no TLS (trusted networks only)")
+    submit.add_argument("--no-follow", action="store_true", help="return after submitting")
+    submit.add_argument("--timeout", type=float, metavar="SECONDS", help="stop following after this long")
+    submit.set_defaults(func=_cmd_deploy)
+
+    certs = sub.add_parser("certs", help="make a CA, a SuperLink TLS certificate and SuperNode key pairs")
+    certs.add_argument("--out", "-o", type=Path, required=True, help="directory for the files")
+    certs.add_argument("--host", dest="hosts", action="append", required=True, metavar="NAME_OR_IP",
+                       help="a name or IP address the SuperNodes use to reach the SuperLink (repeatable)")
+    certs.add_argument("--nodes", type=int, default=0, help="number of SuperNode key pairs (edge-0, edge-1, ...)")
+    certs.add_argument("--days", type=int, default=365, help="validity in days")
+    certs.add_argument("--force", action="store_true", help="overwrite existing files")
+    certs.set_defaults(func=_cmd_certs)
     return parser
 
 

@@ -1,0 +1,219 @@
+"""The edge side of a Flower deployment: a ``ClientApp`` that runs the shared :class:`EdgeWorker`.
+
+Each SuperNode is one edge. Its node config says where the edge's data is:
+
+* ``partition-id`` (required): the edge's index k; the edge is called ``edge-k``.
+* ``data-dir``: the directory holding ``<dataset>/`` folders (as ``ecavg run --data-dir``).
+* ``dataset``: a dataset of the edge's own (e.g. ``imagefolder:/data/site3``, with ``train/`` and ``test/``);
+  without it the edge takes partition k of the run's dataset, built exactly as ``ecavg run`` builds it
+  (:func:`ecavg.experiment.build_edges_and_server`), so that both runtimes compute the same numbers.
+* ``device``: overrides the config's ``device`` on this host.
+
+Flower starts a fresh ClientApp process per message; the edge's data is loaded again each time (from the
+decoded-tensor cache, so this is quick), and its state lives in the messages, not in the process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from ecavg.config import model_options, resolve_config
+from ecavg.core.participants import EdgeWorker, ModelFactory, resolve_device
+from ecavg.core.serialization import decode_state_dict, encode_state_dict
+from ecavg.core.training import TrainingSettings
+from ecavg.data import ImageDataset, load_dataset, partition_indices
+from ecavg.experiment import _train_subset, build_edges_and_server
+from ecavg.runtime.flower import wire
+from ecavg.runtime.flower.settings import deploy_settings
+
+log = logging.getLogger("ecavg")
+
+client_app = ClientApp()
+
+
+class EdgeSetupError(ValueError):
+    """This SuperNode cannot act as an edge of the run (node config, data or spec mismatch)."""
+
+
+@dataclass
+class LocalEdge:
+    worker: EdgeWorker
+    mode: str  # "partition" or "own"
+    index: torch.Tensor | None  # positions of the edge's training samples in the run's training set
+    max_bytes: int
+
+
+_edges: dict[tuple[int, int], LocalEdge] = {}
+
+
+def _configure_logging() -> None:
+    # The SuperNode keeps the ClientApp's stdout in its log: progress goes there.
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+
+def node_partition_id(node_config: dict[str, Any]) -> int:
+    value = node_config.get("partition-id")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise EdgeSetupError(
+            f"this SuperNode's node config needs partition-id = <edge index >= 0>, got {value!r} "
+            "(start it with --node-config 'partition-id=0 data-dir=\"/data\"')")
+    return value
+
+
+def partition_positions(cfg: dict[str, Any], train: ImageDataset, k: int) -> torch.Tensor:
+    """Positions of edge k's samples in ``train`` (the run's training set after ``data.train_fraction``):
+    the same call build_edges_and_server makes.
+
+    The server sorts the uploaded training sets by these positions, which rebuilds the union exactly as the
+    embedded runtime holds it (and so the server's fine-tuning sees the same batches).
+    """
+    data_cfg = cfg["data"]
+    parts = partition_indices(
+        train.labels, data_cfg["num_edges"], data_cfg["partition"], seed=cfg["seed"],
+        ratios=data_cfg["ratios"] or None, alpha=data_cfg["alpha"], labels_per_edge=data_cfg["labels_per_edge"],
+    )
+    return parts[k]
+
+
+def build_local_edge(run_config: dict[str, Any], node_config: dict[str, Any], spec_json: str) -> LocalEdge:
+    """This node's EdgeWorker, from the run's config (sent by the server) and the node's own config."""
+    cfg = resolve_config(json.loads(str(run_config["ecavg-config"])))
+    settings = deploy_settings(json.loads(str(run_config.get("ecavg-deploy", "{}"))))
+    k = node_partition_id(node_config)
+    if k >= cfg["data"]["num_edges"]:
+        raise EdgeSetupError(f"partition-id {k} is out of range: the run has {cfg['data']['num_edges']} edges")
+    if cfg["threads"] > 0:
+        torch.set_num_threads(cfg["threads"])
+    device = resolve_device(str(node_config.get("device") or cfg["device"]))
+    data_dir = str(node_config.get("data-dir") or "") or None
+    own_dataset = str(node_config.get("dataset") or "")
+    server_spec, server_classes = wire.spec_from_json(spec_json)
+    if not own_dataset:
+        splits = load_dataset(cfg["data"]["dataset"], data_dir, download=cfg["data"]["download"])
+        edges, _, _ = build_edges_and_server(cfg, splits, device)
+        worker = edges[k]
+        if not wire.same_spec(worker.factory.spec, server_spec) or list(splits.train.classes) != server_classes:
+            raise EdgeSetupError(
+                f"edge-{k}: its copy of {cfg['data']['dataset']} (in {data_dir or 'the default data dir'}) does not "
+                f"match the server's (classes, image size or normalisation differ: {worker.factory.spec} vs "
+                f"{server_spec}); give every host the same dataset files")
+        train = _train_subset(splits.train, cfg["data"]["train_fraction"], cfg["seed"])
+        index = partition_positions(cfg, train, k)
+        if not torch.equal(train.labels[index], worker.train_data.labels):
+            raise EdgeSetupError(f"edge-{k}: internal error: partition positions disagree with the edge's data")
+        mode = "partition"
+    else:
+        splits = load_dataset(own_dataset, data_dir)
+        if list(splits.train.classes) != server_classes:
+            raise EdgeSetupError(f"edge-{k}: its dataset {own_dataset} has classes {splits.train.classes}, the server's "
+                                 f"has {server_classes}; an edge's classes must be the server's, in the same order")
+        if tuple(splits.train.images.shape[1:]) != wire.image_shape_of(server_spec):
+            raise EdgeSetupError(f"edge-{k}: its images are {tuple(splits.train.images.shape[1:])}, the run's are "
+                                 f"{wire.image_shape_of(server_spec)} (channels, height, width)")
+        # The model and the input normalisation are the server's, so every edge trains the same function.
+        factory = ModelFactory(cfg["model"]["name"], model_options(cfg), server_spec, device)
+        worker = EdgeWorker(f"edge-{k}", k, splits.train, splits.test, factory,
+                            TrainingSettings.from_config(cfg["edge"]), cfg["seed"],
+                            eval_each_epoch=cfg["eval_each_epoch"])
+        index, mode = None, "own"
+    # The server sends the shared start; a pretrained file on the server need not exist on edge hosts.
+    worker.factory = dataclasses.replace(worker.factory, pretrained="")
+    return LocalEdge(worker, mode, index, settings.max_message_bytes)
+
+
+def _local_edge(message: Message, context: Context) -> LocalEdge:
+    _configure_logging()
+    key = (context.run_id, context.node_id)
+    if key not in _edges:
+        spec_json = message.content[wire.CONFIG].get("spec") if wire.CONFIG in message.content else None
+        if not isinstance(spec_json, str):
+            raise EdgeSetupError("the server's message carries no data spec")
+        _edges[key] = build_local_edge(dict(context.run_config), dict(context.node_config), spec_json)
+    return _edges[key]
+
+
+def _received_weights(message: Message, edge: LocalEdge) -> dict[str, torch.Tensor] | None:
+    if wire.WEIGHTS not in message.content:
+        return None
+    payload = wire.payload_bytes(message.content, wire.WEIGHTS, source="server", max_bytes=edge.max_bytes)
+    return decode_state_dict(payload, name="server", max_bytes=edge.max_bytes)
+
+
+def _data_record(edge: LocalEdge) -> Any:
+    return wire.payload_record(wire.encode_train_data(edge.worker.train_data, edge.index))
+
+
+@client_app.query("hello")
+def hello(message: Message, context: Context) -> Message:
+    edge = _local_edge(message, context)
+    w = edge.worker
+    log.info("%s: %s data, %d training / %d test samples", w.name, edge.mode, len(w.train_data), len(w.test_data))
+    content = RecordDict({
+        wire.METRICS: MetricRecord({"partition-id": w.index, "train-samples": len(w.train_data),
+                                    "test-samples": len(w.test_data)}),
+        wire.REPORT: wire.config_record(mode=edge.mode, name=w.name),
+    })
+    return Message(content, reply_to=message)
+
+
+@client_app.query("data")
+def data(message: Message, context: Context) -> Message:
+    edge = _local_edge(message, context)
+    log.info("%s: uploading %d training samples (deploy.share_data = full)", edge.worker.name, len(edge.worker.train_data))
+    return Message(RecordDict({wire.TRAIN_DATA: _data_record(edge)}), reply_to=message)
+
+
+def _fit(message: Message, context: Context) -> Message:
+    edge = _local_edge(message, context)
+    config = message.content[wire.CONFIG]
+    phase, epochs = str(config["phase"]), int(config["epochs"])
+    weights = _received_weights(message, edge)
+    out = edge.worker.fit(weights, phase=phase, epochs=epochs)
+    log.info("%s %s: test accuracy %.4f on %d samples", edge.worker.name, phase, out["accuracy"], out["test_samples"])
+    content = RecordDict({
+        wire.WEIGHTS: wire.payload_record(encode_state_dict(out["weights"])),
+        wire.METRICS: MetricRecord({"num-samples": out["num_samples"], "accuracy": float(out["accuracy"]),
+                                    "test-samples": out["test_samples"]}),
+        wire.REPORT: wire.config_record(history=json.dumps(out["history"])),
+    })
+    if bool(config.get("send-data", False)):
+        log.info("%s: uploading %d training samples with the weights (deploy.share_data = full)",
+                 edge.worker.name, len(edge.worker.train_data))
+        content[wire.TRAIN_DATA] = _data_record(edge)
+    return Message(content, reply_to=message)
+
+
+@client_app.train("pretrain")
+def pretrain(message: Message, context: Context) -> Message:
+    return _fit(message, context)
+
+
+@client_app.train("fedavg")
+def fedavg_round(message: Message, context: Context) -> Message:
+    return _fit(message, context)
+
+
+@client_app.evaluate("update")
+def update(message: Message, context: Context) -> Message:
+    edge = _local_edge(message, context)
+    weights = _received_weights(message, edge)
+    if weights is None:
+        raise EdgeSetupError("evaluate.update carries no weights")
+    out = edge.worker.evaluate(weights)
+    log.info("%s update: test accuracy %.4f on %d samples", edge.worker.name, out["accuracy"], out["test_samples"])
+    content = RecordDict({wire.METRICS: MetricRecord({"accuracy": float(out["accuracy"]),
+                                                      "test-samples": out["test_samples"]})})
+    return Message(content, reply_to=message)

@@ -1,0 +1,420 @@
+"""The server side of a Flower deployment: a ``ServerApp`` that runs the shared strategies over Flower.
+
+:class:`FlowerEdgePool` is the :class:`~ecavg.core.protocol.EdgePool` of a deployment: the same strategy
+code (``run_ecavg``, ``run_fedavg``, ...) that the embedded runtime drives calls it, and it turns each call
+into Flower messages to the SuperNodes, waits for their replies within the round timeout, validates every
+reply completely (:mod:`ecavg.runtime.flower.wire`) and hands the strategy what an in-process edge would.
+
+Missing edges: an edge that does not reply in time, replies with an error, or sends a reply that fails
+validation is recorded (``missing_edges`` in results.json, with the reason) and takes no further part in
+the run. A training phase with fewer replies than ``deploy.min_edges`` stops the run with
+:class:`EdgeQuorumError`; the phases and replies that finished stay in ``checkpoints/`` and ``failure.json``
+says what happened.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+from flwr.app import Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from ecavg.config import resolve_config
+from ecavg.core.checkpoint import PhaseStore, write_text_atomic
+from ecavg.core.participants import DataSpec, ServerWorker, StateDict, resolve_device
+from ecavg.core.protocol import EdgeEvaluation, EdgePool, EdgeReply, RunContext, run_strategy
+from ecavg.core.serialization import encode_state_dict
+from ecavg.data import ImageDataset, load_dataset
+from ecavg.experiment import _prepare_output, build_edges_and_server
+from ecavg.report import SCHEMA_VERSION, write_outputs
+from ecavg.runtime.flower import wire
+from ecavg.runtime.flower.settings import (
+    DeploySettings,
+    check_data_policy,
+    deploy_settings,
+    server_training_needs_edge_data,
+)
+
+log = logging.getLogger("ecavg")
+
+FAILURE_FILE = "failure.json"
+# How often the server asks the SuperLink for replies: small against any training time, cheap for it.
+POLL_INTERVAL_S = 0.2
+# Messages live a little longer than the server waits for them, then Flower discards them.
+TTL_GRACE_S = 60.0
+
+server_app = ServerApp()
+
+
+class EdgeQuorumError(RuntimeError):
+    """Fewer edges than ``deploy.min_edges`` took part in a phase; the run cannot go on."""
+
+
+class DeploymentError(RuntimeError):
+    """The federation does not fit the run (duplicate partition ids, ...)."""
+
+
+class SkipFinetuneServer(ServerWorker):
+    """A server with no data to train on (``share_data = "none"``, no ``server_data``): "fine-tuning" returns
+    the averaged weights unchanged, which makes an ECAvg run a one-shot FedAvg."""
+
+    def train(self, weights, data, *, phase, epochs, on_epoch_record=None):  # type: ignore[override]
+        if weights is None:
+            raise DeploymentError(f"the server has no data to train on in phase {phase!r}")
+        return {k: v.detach().cpu().clone() for k, v in weights.items()}, []
+
+
+class FlowerEdgePool(EdgePool):
+    """The server's edges, reached through a Flower ``Grid``."""
+
+    def __init__(self, grid: Grid, *, num_edges: int, settings: DeploySettings, spec: DataSpec, classes: list[str],
+                 reference: Mapping[str, torch.Tensor], upload_data: bool, server_data: ImageDataset | None,
+                 emit=lambda record: None):
+        self._grid = grid
+        self._names = [f"edge-{k}" for k in range(num_edges)]
+        self.settings = settings
+        self._spec = spec
+        self._classes = list(classes)
+        self._spec_json = wire.spec_to_json(spec, classes)
+        self._reference = dict(reference)
+        self._upload_data = upload_data  # share_data = "full" and the run trains on the server
+        self._server_data = server_data
+        self._emit = emit
+        self.nodes: dict[str, int] = {}
+        self.modes: dict[str, str] = {}
+        self.missing: dict[str, str] = {}
+        self._sizes: dict[str, tuple[int, int]] = {}
+        self._data: dict[str, wire.TrainData] = {}
+        self._union: ImageDataset | None = None
+        self.data_bytes_up = 0
+        self.phase_seconds: dict[str, float] = {}
+
+    # -- EdgePool ---------------------------------------------------------------------------------
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._names)
+
+    def sizes(self) -> dict[str, tuple[int, int]]:
+        return dict(self._sizes)
+
+    def fit(self, weights: Mapping[str, torch.Tensor] | None, *, phase: str, epochs: int,
+            only: list[str] | None = None) -> Iterator[EdgeReply]:
+        targets = [n for n in (only if only is not None else self._names) if n not in self.missing]
+        payload = encode_state_dict(weights) if weights is not None else None
+        reference = weights if weights is not None else self._reference
+        wants_data = {n: self._upload_data and n not in self._data for n in targets}
+        messages = {}
+        for name in targets:
+            content = RecordDict({wire.CONFIG: wire.config_record(
+                phase=phase, epochs=int(epochs), spec=self._spec_json, **{"send-data": wants_data[name]})})
+            if payload is not None:
+                content[wire.WEIGHTS] = wire.payload_record(payload)
+            messages[name] = content
+        # Replies are handed on in edge order, not arrival order: the average then sums in the same order
+        # as in the embedded runtime, so a deployment reproduces its numbers bit for bit.
+        ready: dict[str, EdgeReply] = {}
+        settled: set[str] = set()
+        position = 0
+        for name, reply in self._exchange(messages, wire.fit_message_type(phase), phase):
+            try:
+                parsed = wire.parse_fit_reply(
+                    reply, source=name, node_id=self.nodes[name], reference=reference,
+                    max_bytes=self.settings.max_message_bytes, spec=self._spec if wants_data[name] else None)
+            except wire.EdgeReplyError as error:
+                self._drop(name, phase, f"rejected: {error}")
+            else:
+                if parsed.data is not None:
+                    self._add_data(name, parsed.data, parsed.data_bytes)
+                ready[name] = EdgeReply(
+                    name=name, weights=parsed.weights, num_samples=parsed.num_samples, accuracy=parsed.accuracy,
+                    test_samples=parsed.test_samples, history=parsed.history,
+                    bytes_up=parsed.bytes_up + parsed.data_bytes, bytes_down=len(payload) if payload else 0)
+            settled.add(name)
+            while position < len(targets) and (targets[position] in settled or targets[position] in self.missing):
+                if targets[position] in ready:
+                    yield ready.pop(targets[position])
+                position += 1
+        for name in targets[position:]:
+            if name in ready:
+                yield ready.pop(name)
+        # Edges not asked (their reply was already checkpointed) took part as well.
+        self._check_quorum(phase, sum(1 for n in self._names if n not in self.missing))
+
+    def evaluate(self, weights: Mapping[str, torch.Tensor], *, phase: str) -> Iterator[EdgeEvaluation]:
+        payload = encode_state_dict(weights)
+        messages = {}
+        for name in self._names:
+            if name in self.missing:
+                continue
+            messages[name] = RecordDict({
+                wire.CONFIG: wire.config_record(phase=phase, spec=self._spec_json),
+                wire.WEIGHTS: wire.payload_record(payload),
+            })
+        for name, reply in self._exchange(messages, wire.UPDATE, phase):
+            try:
+                accuracy, test_samples = wire.parse_evaluate_reply(reply, source=name, node_id=self.nodes[name])
+            except wire.EdgeReplyError as error:
+                self._drop(name, phase, f"rejected: {error}")
+                continue
+            yield EdgeEvaluation(name, accuracy, test_samples, bytes_down=len(payload))
+
+    def training_data(self) -> ImageDataset:
+        if self._server_data is not None:
+            return self._server_data
+        if self._union is None:
+            self._collect_data()
+            self._union = self._assemble_union()
+        return self._union
+
+    # -- connecting ---------------------------------------------------------------------------------
+
+    def connect(self) -> None:
+        """Wait for the SuperNodes, ask each which edge it is, and check the federation fits the run."""
+        deadline = time.monotonic() + self.settings.connect_timeout_s
+        wanted = len(self._names)
+        node_ids: list[int] = []
+        last_count = -1
+        while time.monotonic() < deadline:
+            node_ids = sorted(self._grid.get_node_ids())
+            if len(node_ids) != last_count:
+                log.info("%d of %d SuperNodes connected", len(node_ids), wanted)
+                last_count = len(node_ids)
+            if len(node_ids) >= wanted:
+                break
+            time.sleep(0.5)
+        hello = {f"node {n}": RecordDict({wire.CONFIG: wire.config_record(spec=self._spec_json)}) for n in node_ids}
+        node_of = {f"node {n}": n for n in node_ids}
+        claimed: dict[int, int] = {}
+        problems = []
+        timeout = min(self.settings.round_timeout_s, max(60.0, self.settings.connect_timeout_s))
+        for label, reply in self._exchange(hello, wire.HELLO, "hello", node_of=node_of, timeout=timeout):
+            node = node_of[label]
+            try:
+                identity = wire.parse_hello_reply(reply, node_id=node, num_edges=wanted)
+            except wire.EdgeReplyError as error:
+                problems.append(str(error))
+                continue
+            if identity.partition_id in claimed:
+                raise DeploymentError(f"SuperNodes {claimed[identity.partition_id]} and {node} both have "
+                                      f"partition-id {identity.partition_id}; give every SuperNode its own")
+            claimed[identity.partition_id] = node
+            name = self._names[identity.partition_id]
+            self.nodes[name] = node
+            self.modes[name] = identity.mode
+            self._sizes[name] = (identity.train_samples, identity.test_samples)
+        for problem in problems:
+            log.warning("a SuperNode could not join: %s", problem)
+        for name in self._names:
+            if name not in self.nodes:
+                why = f"not connected: no usable SuperNode with partition-id {self._names.index(name)} within " \
+                      f"{self.settings.connect_timeout_s:g} s"
+                if problems:
+                    why += f" (SuperNodes that failed to join: {'; '.join(problems)})"
+                self._drop(name, "connect", why)
+        self._check_quorum("connect", len(self.nodes))
+
+    # -- messaging ----------------------------------------------------------------------------------
+
+    def _exchange(self, contents: dict[str, RecordDict], message_type: str, phase: str, *,
+                  node_of: dict[str, int] | None = None, timeout: float | None = None) -> Iterator[tuple[str, Message]]:
+        """Send one message per edge, yield (edge, reply) as replies arrive; edges silent past the timeout are
+        recorded as missing (only for edges, not for the anonymous nodes of the hello exchange)."""
+        node_of = node_of if node_of is not None else self.nodes
+        timeout = timeout if timeout is not None else self.settings.round_timeout_s
+        if not contents:
+            return
+        started = time.monotonic()
+        labels = list(contents)
+        messages = [Message(contents[label], dst_node_id=node_of[label], message_type=message_type,
+                            ttl=timeout + TTL_GRACE_S, group_id=phase) for label in labels]
+        message_ids = list(self._grid.push_messages(messages))
+        pending: dict[str, str] = {}
+        for label, message_id in zip(labels, message_ids):
+            if message_id:
+                pending[message_id] = label
+            elif label in self._names:
+                self._drop(label, phase, "error: the SuperLink did not accept the message for this edge")
+        deadline = started + timeout
+        while pending:
+            for reply in self._grid.pull_messages(list(pending)):
+                label = pending.pop(reply.metadata.reply_to_message_id, None)
+                if label is not None:
+                    yield label, reply
+            if not pending or time.monotonic() >= deadline:
+                break
+            time.sleep(POLL_INTERVAL_S)
+        for label in pending.values():
+            if label in self._names:
+                self._drop(label, phase, f"timeout: no reply to {message_type} within {timeout:g} s")
+        self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + time.monotonic() - started
+
+    def _drop(self, name: str, phase: str, reason: str) -> None:
+        if name in self.missing:
+            return
+        self.missing[name] = f"{reason} (phase {phase})" if phase not in reason else reason
+        log.warning("%s is out of the run: %s", name, self.missing[name])
+        self._emit({"participant": name, "phase": phase, "event": "missing", "reason": self.missing[name]})
+
+    def _check_quorum(self, phase: str, took_part: int) -> None:
+        required = self.settings.required_edges(len(self._names))
+        if took_part >= required:
+            return
+        details = "; ".join(f"{n}: {why}" for n, why in self.missing.items()) or "none recorded"
+        raise EdgeQuorumError(
+            f"{phase}: only {took_part} of {len(self._names)} edges took part, but deploy.min_edges requires "
+            f"{required} (0 means all). Missing edges: {details}")
+
+    # -- the edges' training data (share_data = "full") ------------------------------------------------
+
+    def _add_data(self, name: str, data: wire.TrainData, size: int) -> None:
+        self._data[name] = data
+        self.data_bytes_up += size
+        self._union = None
+
+    def _collect_data(self) -> None:
+        wanted = {n: RecordDict({wire.CONFIG: wire.config_record(spec=self._spec_json)})
+                  for n in self._names if n not in self._data and n not in self.missing}
+        for name, reply in self._exchange(wanted, wire.DATA, "data"):
+            try:
+                data, size = wire.parse_data_reply(reply, source=name, node_id=self.nodes[name], spec=self._spec,
+                                                   max_bytes=self.settings.max_message_bytes)
+            except wire.EdgeReplyError as error:
+                self._drop(name, "data", f"rejected: {error}")
+                continue
+            self._add_data(name, data, size)
+        if not self._data:
+            raise EdgeQuorumError("data: no edge uploaded its training data, so the server has nothing to train on")
+
+    def _assemble_union(self) -> ImageDataset:
+        """The edges' training sets as one dataset: in the run's original order when every edge holds a
+        partition of the run's dataset (then it is exactly the embedded runtime's union), else edge by edge."""
+        parts = [self._data[n] for n in self._names if n in self._data]
+        images = torch.cat([p.images for p in parts])
+        labels = torch.cat([p.labels for p in parts])
+        if all(p.index is not None for p in parts):
+            index = torch.cat([p.index for p in parts])  # type: ignore[misc]
+            order = torch.argsort(index, stable=True)
+            if bool((index[order][1:] == index[order][:-1]).any()):
+                raise DeploymentError("two edges uploaded the same training sample positions; their partition-ids "
+                                      "or configs differ")
+            images, labels = images[order], labels[order]
+        return ImageDataset(images, labels, self._classes)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The ServerApp
+# ---------------------------------------------------------------------------------------------------
+
+
+def _configure_logging(out: Path) -> None:
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    formatter = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    file_handler = logging.FileHandler(out / "logs" / "server.log")
+    file_handler.setFormatter(formatter)
+    stream_handler = logging.StreamHandler(sys.stdout)  # what `flwr log` shows
+    stream_handler.setFormatter(formatter)
+    log.handlers = [file_handler, stream_handler]
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def _own_server_data(name: str, data_dir: str | None, splits_classes: list[str], spec: DataSpec) -> ImageDataset:
+    data = load_dataset(name, data_dir).train
+    if list(data.classes) != splits_classes or tuple(data.images.shape[1:]) != wire.image_shape_of(spec):
+        raise DeploymentError(f"deploy.server_data {name!r} has classes {data.classes} and images "
+                              f"{tuple(data.images.shape[1:])}; the run needs {splits_classes} and "
+                              f"{wire.image_shape_of(spec)}")
+    return data
+
+
+def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """Run one experiment as the server of a Flower federation; writes the output directory like ``ecavg run``."""
+    cfg = resolve_config(json.loads(str(run_config["ecavg-config"])))
+    settings = deploy_settings(json.loads(str(run_config.get("ecavg-deploy", "{}"))), num_edges=cfg["data"]["num_edges"])
+    note = check_data_policy(cfg, settings)
+    data_dir = str(run_config.get("data-dir", "")) or None
+    out = Path(str(run_config["output-dir"]))
+    _prepare_output(cfg, out, data_dir)
+    _configure_logging(out)
+    if cfg["threads"] > 0:
+        torch.set_num_threads(cfg["threads"])
+    device = resolve_device(cfg["device"])
+    started = time.perf_counter()
+    splits = load_dataset(cfg["data"]["dataset"], data_dir, download=cfg["data"]["download"])
+    load_s = time.perf_counter() - started
+    # The server builds its worker exactly as the embedded runtime does (the edge workers are unused here).
+    _, _, server = build_edges_and_server(cfg, splits, device)
+    spec = server.factory.spec
+    server_data = None
+    if settings.share_data == "none":
+        if settings.server_data:
+            server_data = _own_server_data(settings.server_data, data_dir, list(splits.train.classes), spec)
+        else:
+            server_data = splits.train.subset(torch.empty(0, dtype=torch.int64))
+            server = SkipFinetuneServer(server.factory, server.settings, server.test_data, server.seed,
+                                        eval_each_epoch=server.eval_each_epoch)
+    if note:
+        log.info(note)
+    metrics_path = out / "metrics.jsonl"
+
+    def emit(record: dict[str, Any]) -> None:
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    reference = {k: v.detach().cpu() for k, v in server.new_model().state_dict().items()}
+    pool = FlowerEdgePool(grid, num_edges=cfg["data"]["num_edges"], settings=settings, spec=spec,
+                          classes=list(splits.train.classes), reference=reference,
+                          upload_data=settings.share_data == "full" and server_training_needs_edge_data(cfg),
+                          server_data=server_data, emit=emit)
+    log.info("%s over Flower: %s, %d edges, %s on %s, share_data = %s, output %s", cfg["strategy"],
+             cfg["data"]["dataset"], cfg["data"]["num_edges"], cfg["model"]["name"], device, settings.share_data, out)
+    try:
+        pool.connect()
+        ctx = RunContext(cfg=cfg, pool=pool, server=server, store=PhaseStore(out / "checkpoints"), emit=emit)
+        outcome = run_strategy(ctx)
+    except Exception as error:
+        write_text_atomic(out / FAILURE_FILE, json.dumps({
+            "error": f"{type(error).__name__}: {error}",
+            "missing_edges": pool.missing,
+            "connected_edges": {n: str(node) for n, node in pool.nodes.items()},
+            "note": "finished phases and the replies that arrived are kept in checkpoints/; logs are in logs/",
+        }, indent=2) + "\n")
+        log.error("run failed: %s", error)
+        raise
+    results: dict[str, Any] = {
+        "schema": SCHEMA_VERSION,
+        "strategy": cfg["strategy"],
+        "dataset": cfg["data"]["dataset"],
+        "model": cfg["model"]["name"],
+        "partition": cfg["data"]["partition"],
+        "num_edges": cfg["data"]["num_edges"],
+        **outcome.results,
+        "runtime": "flower",
+        "device": str(device),
+        "data_load_s": round(load_s, 3),
+        "missing_edges": dict(pool.missing),
+        "deploy": {
+            **settings.to_dict(),
+            "edge_data": dict(pool.modes),
+            "data_bytes_up": pool.data_bytes_up,
+            "phase_wall_s": {k: round(v, 3) for k, v in pool.phase_seconds.items()},
+            **({"note": note} if note else {}),
+        },
+        "config": cfg,
+    }
+    write_outputs(out, results, outcome)
+    log.info("results written to %s", out)
+    results["output_dir"] = str(out)
+    return results
+
+
+@server_app.main()
+def main(grid: Grid, context: Context) -> None:
+    run_server(grid, dict(context.run_config))

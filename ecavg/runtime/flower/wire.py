@@ -1,0 +1,321 @@
+"""What the server and the edges send each other over Flower, and the checks on what arrives.
+
+Tensors travel in Flower ``ArrayRecord``s, each holding one ``Array`` whose bytes are a safetensors payload
+(``stype = "safetensors"``). Keeping safetensors inside the record means that the server validates a reply
+with exactly the same code as the embedded runtime (:func:`ecavg.core.serialization.decode_state_dict`:
+size limit before parsing, keys, shapes, dtypes, NaN/Inf), that bfloat16 and integer buffers travel
+bit-exact, and that nothing received is ever unpickled. Scalars travel in ``MetricRecord``s, small text in
+``ConfigRecord``s; JSON is the only structured text format parsed.
+
+Message types (Flower accepts ``<train|evaluate|query>.<action>``):
+
+=====================  =========================================================================
+``query.hello``        which edge a SuperNode is (partition id, sample counts, data spec check)
+``query.data``         the edge's training tensors, for the server (``share_data = "full"``)
+``train.pretrain``     train from the sent weights (or the edge's own init); reply with weights
+``train.fedavg``       the same for one FedAvg round (the phase name is in the config record)
+``evaluate.update``    replace the edge's model with the sent weights and evaluate it
+=====================  =========================================================================
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from ecavg.core.participants import DataSpec, StateDict
+from ecavg.core.serialization import WeightsError, decode_state_dict, encode_state_dict
+from ecavg.data import ImageDataset
+
+HELLO = "query.hello"
+DATA = "query.data"
+PRETRAIN = "train.pretrain"
+FEDAVG = "train.fedavg"
+UPDATE = "evaluate.update"
+
+WEIGHTS = "weights"  # ArrayRecord: the model weights
+TRAIN_DATA = "train-data"  # ArrayRecord: images, labels (and global indices) of the edge's training set
+CONFIG = "config"  # ConfigRecord: server -> edge instructions
+METRICS = "metrics"  # MetricRecord: edge -> server numbers
+REPORT = "report"  # ConfigRecord: edge -> server text (identity, per-epoch history as JSON)
+
+PAYLOAD_KEY = "payload"
+PAYLOAD_STYPE = "safetensors"
+PAYLOAD_DTYPE = "uint8"
+
+# Per-epoch history is informative only; a longer text is an error, not something to parse.
+_MAX_HISTORY_CHARS = 1_000_000
+
+
+class EdgeReplyError(ValueError):
+    """A reply from an edge that the server refuses; the message names the edge."""
+
+
+def fit_message_type(phase: str) -> str:
+    return PRETRAIN if phase == "pretrain" else FEDAVG
+
+
+# ---------------------------------------------------------------------------------------------------
+# Payloads: safetensors bytes inside an ArrayRecord
+# ---------------------------------------------------------------------------------------------------
+
+
+def payload_record(payload: bytes) -> ArrayRecord:
+    array = Array(dtype=PAYLOAD_DTYPE, shape=(len(payload),), stype=PAYLOAD_STYPE, data=payload)
+    return ArrayRecord({PAYLOAD_KEY: array})
+
+
+def payload_bytes(content: RecordDict, key: str, *, source: str, max_bytes: int | None) -> bytes:
+    """The safetensors bytes stored under ``content[key]``; checks the record's shape and the size first."""
+    if key not in content:
+        raise EdgeReplyError(f"{source}: the reply has no '{key}' record")
+    record = content[key]
+    if not isinstance(record, ArrayRecord):
+        raise EdgeReplyError(f"{source}: '{key}' is a {type(record).__name__}, expected an ArrayRecord")
+    if set(record.keys()) != {PAYLOAD_KEY}:
+        raise EdgeReplyError(f"{source}: '{key}' must hold exactly one array '{PAYLOAD_KEY}', got {sorted(record.keys())}")
+    array = record[PAYLOAD_KEY]
+    if array.stype != PAYLOAD_STYPE or array.dtype != PAYLOAD_DTYPE:
+        # Anything else (e.g. numpy's .npy serialisation) is refused rather than interpreted.
+        raise EdgeReplyError(f"{source}: '{key}' has serialisation {array.stype!r}/{array.dtype!r}, "
+                             f"expected {PAYLOAD_STYPE!r}/{PAYLOAD_DTYPE!r}")
+    data = array.data
+    if not isinstance(data, (bytes, bytearray)):
+        raise EdgeReplyError(f"{source}: '{key}' carries {type(data).__name__}, expected bytes")
+    if max_bytes is not None and len(data) > max_bytes:
+        raise EdgeReplyError(f"{source}: '{key}' payload of {len(data)} bytes exceeds the limit of {max_bytes} bytes "
+                             f"(deploy.max_message_mb)")
+    return bytes(data)
+
+
+def decode_weights(content: RecordDict, *, source: str, reference: Mapping[str, torch.Tensor] | None,
+                   max_bytes: int | None) -> tuple[StateDict, int]:
+    """(weights, payload size); keys, shapes and dtypes checked against ``reference``, NaN/Inf rejected."""
+    payload = payload_bytes(content, WEIGHTS, source=source, max_bytes=max_bytes)
+    try:
+        weights = decode_state_dict(payload, name=source, reference=reference, max_bytes=max_bytes)
+    except WeightsError as error:
+        raise EdgeReplyError(str(error)) from None
+    return weights, len(payload)
+
+
+def encode_train_data(data: ImageDataset, index: torch.Tensor | None) -> bytes:
+    tensors = {"images": data.images.contiguous(), "labels": data.labels.contiguous()}
+    if index is not None:
+        tensors["index"] = index.to(torch.int64).contiguous()
+    return encode_state_dict(tensors)
+
+
+@dataclass
+class TrainData:
+    images: torch.Tensor
+    labels: torch.Tensor
+    index: torch.Tensor | None  # positions in the shared training set (partition mode), else None
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def decode_train_data(content: RecordDict, *, source: str, image_shape: tuple[int, int, int], num_classes: int,
+                      max_bytes: int | None) -> tuple[TrainData, int]:
+    """An edge's uploaded training set, checked: uint8 images of the run's shape, labels in range."""
+    payload = payload_bytes(content, TRAIN_DATA, source=source, max_bytes=max_bytes)
+    try:
+        tensors = decode_state_dict(payload, name=source, max_bytes=max_bytes)
+    except WeightsError as error:
+        raise EdgeReplyError(str(error)) from None
+    keys = set(tensors)
+    if not {"images", "labels"} <= keys or not keys <= {"images", "labels", "index"}:
+        raise EdgeReplyError(f"{source}: training data must hold 'images', 'labels' and optionally 'index', "
+                             f"got {sorted(keys)}")
+    images, labels, index = tensors["images"], tensors["labels"], tensors.get("index")
+    if images.dtype != torch.uint8 or images.dim() != 4 or tuple(images.shape[1:]) != tuple(image_shape):
+        raise EdgeReplyError(f"{source}: training images must be uint8 [N, {', '.join(map(str, image_shape))}], "
+                             f"got {images.dtype} {tuple(images.shape)}")
+    n = int(images.shape[0])
+    if labels.dtype != torch.int64 or tuple(labels.shape) != (n,):
+        raise EdgeReplyError(f"{source}: training labels must be int64 [{n}], got {labels.dtype} {tuple(labels.shape)}")
+    if n and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise EdgeReplyError(f"{source}: training labels span [{int(labels.min())}, {int(labels.max())}] "
+                             f"but the run has {num_classes} classes")
+    if index is not None:
+        if index.dtype != torch.int64 or tuple(index.shape) != (n,):
+            raise EdgeReplyError(f"{source}: training index must be int64 [{n}], got {index.dtype} {tuple(index.shape)}")
+        if n and int(index.min()) < 0:
+            raise EdgeReplyError(f"{source}: training index holds negative positions")
+    return TrainData(images, labels, index), len(payload)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Records of numbers and text
+# ---------------------------------------------------------------------------------------------------
+
+
+def _record(content: RecordDict, key: str, kind: type, source: str) -> Any:
+    if key not in content:
+        raise EdgeReplyError(f"{source}: the reply has no '{key}' record")
+    record = content[key]
+    if not isinstance(record, kind):
+        raise EdgeReplyError(f"{source}: '{key}' is a {type(record).__name__}, expected a {kind.__name__}")
+    return record
+
+
+def _count(record: Mapping[str, Any], key: str, source: str, *, minimum: int) -> int:
+    value = record.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise EdgeReplyError(f"{source}: '{key}' must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _fraction(record: Mapping[str, Any], key: str, source: str) -> float:
+    value = record.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not 0.0 <= value <= 1.0:
+        raise EdgeReplyError(f"{source}: '{key}' must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+def _history(content: RecordDict, source: str) -> list[dict[str, Any]]:
+    report = _record(content, REPORT, ConfigRecord, source)
+    text = report.get("history", "[]")
+    if not isinstance(text, str) or len(text) > _MAX_HISTORY_CHARS:
+        raise EdgeReplyError(f"{source}: 'history' must be a JSON text of at most {_MAX_HISTORY_CHARS} characters")
+    try:
+        history = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise EdgeReplyError(f"{source}: 'history' is not valid JSON ({error})") from None
+    ok = isinstance(history, list) and all(
+        isinstance(h, dict) and all(isinstance(k, str) and (isinstance(v, (int, float)) and not isinstance(v, bool))
+                                    for k, v in h.items())
+        for h in history)
+    if not ok:
+        raise EdgeReplyError(f"{source}: 'history' must be a list of {{name: number}} objects")
+    return history
+
+
+@dataclass
+class FitReply:
+    weights: StateDict
+    num_samples: int
+    accuracy: float
+    test_samples: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    bytes_up: int = 0
+    data: TrainData | None = None
+    data_bytes: int = 0
+
+
+def check_reply_envelope(reply: Message, *, source: str, node_id: int) -> None:
+    """The reply comes from the edge's node and is not an error (an error is reported with its reason)."""
+    if reply.has_error():
+        error = reply.error
+        raise EdgeReplyError(f"{source}: error reply (code {error.code}): {error.reason}")
+    if reply.metadata.src_node_id != node_id:
+        raise EdgeReplyError(f"{source}: reply came from node {reply.metadata.src_node_id}, expected node {node_id}")
+
+
+def parse_fit_reply(reply: Message, *, source: str, node_id: int, reference: Mapping[str, torch.Tensor],
+                    max_bytes: int | None, spec: DataSpec | None = None) -> FitReply:
+    """Validate a ``train.*`` reply completely before anything of it is used.
+
+    ``spec`` is given when the reply must carry the edge's training data (``share_data = "full"``).
+    Raises EdgeReplyError naming the edge (``source``) for any problem.
+    """
+    check_reply_envelope(reply, source=source, node_id=node_id)
+    content = reply.content
+    weights, size = decode_weights(content, source=source, reference=reference, max_bytes=max_bytes)
+    metrics = _record(content, METRICS, MetricRecord, source)
+    num_samples = _count(metrics, "num-samples", source, minimum=1)
+    parsed = FitReply(
+        weights=weights,
+        num_samples=num_samples,
+        accuracy=_fraction(metrics, "accuracy", source),
+        test_samples=_count(metrics, "test-samples", source, minimum=0),
+        history=_history(content, source),
+        bytes_up=size,
+    )
+    if spec is not None:
+        data, data_size = decode_train_data(content, source=source, image_shape=image_shape_of(spec),
+                                            num_classes=spec.num_classes, max_bytes=max_bytes)
+        if len(data) != num_samples:
+            raise EdgeReplyError(f"{source}: reports {num_samples} training samples but uploaded {len(data)}")
+        parsed.data, parsed.data_bytes = data, data_size
+    return parsed
+
+
+def parse_data_reply(reply: Message, *, source: str, node_id: int, spec: DataSpec,
+                     max_bytes: int | None) -> tuple[TrainData, int]:
+    check_reply_envelope(reply, source=source, node_id=node_id)
+    return decode_train_data(reply.content, source=source, image_shape=image_shape_of(spec),
+                             num_classes=spec.num_classes, max_bytes=max_bytes)
+
+
+def parse_evaluate_reply(reply: Message, *, source: str, node_id: int) -> tuple[float, int]:
+    check_reply_envelope(reply, source=source, node_id=node_id)
+    metrics = _record(reply.content, METRICS, MetricRecord, source)
+    return _fraction(metrics, "accuracy", source), _count(metrics, "test-samples", source, minimum=0)
+
+
+@dataclass
+class EdgeIdentity:
+    partition_id: int
+    train_samples: int
+    test_samples: int
+    mode: str  # "partition" (a share of the run's dataset) or "own" (the edge's own dataset)
+
+
+def parse_hello_reply(reply: Message, *, node_id: int, num_edges: int) -> EdgeIdentity:
+    source = f"node {node_id}"
+    check_reply_envelope(reply, source=source, node_id=node_id)
+    metrics = _record(reply.content, METRICS, MetricRecord, source)
+    report = _record(reply.content, REPORT, ConfigRecord, source)
+    partition_id = _count(metrics, "partition-id", source, minimum=0)
+    if partition_id >= num_edges:
+        raise EdgeReplyError(f"{source}: partition-id {partition_id} is out of range; the run has {num_edges} edges "
+                             f"(0 .. {num_edges - 1})")
+    mode = report.get("mode")
+    if mode not in ("partition", "own"):
+        raise EdgeReplyError(f"{source}: unknown data mode {mode!r}")
+    return EdgeIdentity(partition_id, _count(metrics, "train-samples", source, minimum=1),
+                        _count(metrics, "test-samples", source, minimum=0), mode)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The data spec (what the model is built for), sent so every edge builds the same model
+# ---------------------------------------------------------------------------------------------------
+
+
+def image_shape_of(spec: DataSpec) -> tuple[int, int, int]:
+    return (spec.in_channels, spec.image_size, spec.image_size)
+
+
+def spec_to_json(spec: DataSpec, classes: list[str]) -> str:
+    return json.dumps({"num_classes": spec.num_classes, "in_channels": spec.in_channels,
+                       "image_size": spec.image_size, "mean": list(spec.mean), "std": list(spec.std),
+                       "crop_padding": spec.crop_padding, "flip": spec.flip, "classes": list(classes)})
+
+
+def spec_from_json(text: str) -> tuple[DataSpec, list[str]]:
+    raw = json.loads(text)
+    spec = DataSpec(num_classes=int(raw["num_classes"]), in_channels=int(raw["in_channels"]),
+                    image_size=int(raw["image_size"]), mean=tuple(float(v) for v in raw["mean"]),
+                    std=tuple(float(v) for v in raw["std"]), crop_padding=int(raw["crop_padding"]),
+                    flip=bool(raw["flip"]))
+    return spec, [str(c) for c in raw["classes"]]
+
+
+def same_spec(a: DataSpec, b: DataSpec) -> bool:
+    """Equal up to float rounding of the normalisation statistics (they travel as JSON)."""
+    return (a.num_classes, a.in_channels, a.image_size, a.crop_padding, a.flip) == \
+        (b.num_classes, b.in_channels, b.image_size, b.crop_padding, b.flip) and \
+        len(a.mean) == len(b.mean) and len(a.std) == len(b.std) and \
+        all(math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-9) for x, y in zip((*a.mean, *a.std), (*b.mean, *b.std)))
+
+
+def config_record(**values: Any) -> ConfigRecord:
+    return ConfigRecord({k: v for k, v in values.items() if v is not None})
