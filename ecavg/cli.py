@@ -94,6 +94,21 @@ def _cmd_certs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from ecavg.config import apply_overrides, load_toml
+    from ecavg.sweep import parse_grid, run_sweep
+
+    if args.config is None:
+        raise _UsageError("give --config FILE")
+    user = apply_overrides(load_toml(args.config), args.overrides)
+    user.setdefault("name", args.config.stem)
+    out = args.output or Path("runs") / f"sweep-{args.config.stem}"
+    run_sweep(user, parse_grid(args.grid), output_dir=out, data_dir=args.data_dir)
+    print((out / "sweep.md").read_text())
+    print(f"Sweep written to {out}/ (sweep.md, sweep.csv, sweep.png, one folder per run)")
+    return 0
+
+
 class _UsageError(Exception):
     pass
 
@@ -108,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_arguments(run)
     run.add_argument("--resume", type=Path, metavar="DIR", help="continue an interrupted run in DIR")
     run.set_defaults(func=_cmd_run)
+
+    sweep = sub.add_parser("sweep", help="run a grid of experiments and tabulate them (re-run to continue)")
+    _add_run_arguments(sweep)
+    sweep.add_argument("--grid", "-g", action="append", default=[], metavar="KEY=V1,V2,...",
+                       help="a config key and its values, e.g. --grid data.alpha=100,1,0.1 (repeatable: the "
+                            "cartesian product runs); --grid seed=0,1,2 gives mean and spread over seeds")
+    sweep.set_defaults(func=_cmd_sweep)
 
     deploy = sub.add_parser("deploy", help="run one experiment on a Flower federation (see docs/deploy.md)")
     deploy_sub = deploy.add_subparsers(dest="where", required=True)
