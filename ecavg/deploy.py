@@ -473,15 +473,16 @@ def deploy_local(
     tls: bool = False,
     node_auth: bool = False,
     timeout_s: float | None = None,
-    node_data_dirs: Mapping[int, str] | None = None,
+    node_configs: Mapping[int, Mapping[str, Any]] | None = None,
     on_started: Callable[[LocalFederation], None] | None = None,
 ) -> dict[str, Any]:
     """Run one experiment on a SuperLink and N SuperNodes started on 127.0.0.1; returns the results dict.
 
     ``tls`` makes a throw-away CA and server certificate (in the output's ``deploy/`` folder) and runs every
     connection over TLS; ``node_auth`` also gives every SuperNode a key pair registered with the SuperLink,
-    which then refuses any other SuperNode. ``on_started`` is called with the running federation before the
-    run is submitted (tests use it to watch or disturb the edges).
+    which then refuses any other SuperNode. ``node_configs`` adds to (or replaces) edge k's node config, e.g.
+    ``{1: {"dataset": "imagefolder:/data/site1"}}``. ``on_started`` is called with the running federation
+    before the run is submitted (tests use it to watch or disturb the edges).
     """
     if node_auth and not tls:
         raise ConfigError("SuperNode authentication needs TLS (the keys are exchanged over it); add --tls")
@@ -511,9 +512,9 @@ def deploy_local(
             num_edges = cfg["data"]["num_edges"]
             for k in range(num_edges):
                 node_config: dict[str, Any] = {"partition-id": k}
-                node_dir = (node_data_dirs or {}).get(k, data_dir_text)
-                if node_dir:
-                    node_config["data-dir"] = node_dir
+                if data_dir_text:
+                    node_config["data-dir"] = data_dir_text
+                node_config.update((node_configs or {}).get(k, {}))
                 private_key = None
                 if node_auth and credentials is not None:
                     private_key, public_key = credentials.node_keys[k]

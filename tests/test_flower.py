@@ -122,3 +122,372 @@ def test_deploy_local_reproduces_embedded_run(tmp_path):
         assert deployed["bytes"]["downlink"] == embedded["bytes"]["downlink"]
     finally:
         _assert_all_stopped(out)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Validation of what edges send (in-process: Flower messages built directly)
+# ---------------------------------------------------------------------------------------------------
+
+SPEC = DataSpec(num_classes=10, in_channels=1, image_size=4, mean=(0.5,), std=(0.25,))
+
+
+def _reference() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {"fc.weight": torch.randn(3, 4, generator=g), "fc.bias": torch.zeros(3),
+            "bn.num_batches_tracked": torch.tensor(5)}
+
+
+def _reply(content: RecordDict | None = None, *, error: Error | None = None, src: int = 7,
+           reply_to: str = "m", message_type: str = wire.PRETRAIN) -> Message:
+    from flwr.app import Metadata
+
+    metadata = Metadata(run_id=1, message_id="", src_node_id=src, dst_node_id=0, reply_to_message_id=reply_to,
+                        group_id="pretrain", created_at=time.time(), ttl=60.0, message_type=message_type)
+    return Message(metadata=metadata, content=content) if error is None else Message(metadata=metadata, error=error)
+
+
+def _fit_content(weights: dict[str, torch.Tensor] | None = None, *, num_samples=20, accuracy=0.5, test_samples=5,
+                 history: str = "[]", data: bytes | None = None) -> RecordDict:
+    weights = _reference() if weights is None else weights
+    content = RecordDict({
+        wire.WEIGHTS: wire.payload_record(encode_state_dict(weights)),
+        wire.METRICS: MetricRecord({"num-samples": num_samples, "accuracy": accuracy, "test-samples": test_samples}),
+        wire.REPORT: ConfigRecord({"history": history}),
+    })
+    if data is not None:
+        content[wire.TRAIN_DATA] = wire.payload_record(data)
+    return content
+
+
+def _data_payload(n=20, shape=(1, 4, 4), num_classes=10, index=True, label_shift=0) -> bytes:
+    tensors = {"images": torch.randint(0, 256, (n, *shape), dtype=torch.uint8),
+               "labels": torch.arange(n, dtype=torch.int64) % num_classes + label_shift}
+    if index:
+        tensors["index"] = torch.arange(n, dtype=torch.int64)
+    return encode_state_dict(tensors)
+
+
+def _parse(reply: Message, **kwargs):
+    options = {"source": "edge-3", "node_id": 7, "reference": _reference(), "max_bytes": 1 << 20, **kwargs}
+    return wire.parse_fit_reply(reply, **options)
+
+
+def test_a_valid_reply_is_accepted_bit_exact():
+    weights = {k: v + 1 if v.is_floating_point() else v for k, v in _reference().items()}
+    parsed = _parse(_reply(_fit_content(weights, data=_data_payload())), spec=SPEC)
+    for key in weights:
+        assert torch.equal(parsed.weights[key], weights[key])
+    assert (parsed.num_samples, parsed.accuracy, parsed.test_samples) == (20, 0.5, 5)
+    assert parsed.data is not None and len(parsed.data) == 20 and parsed.data_bytes > 0
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda w: w.pop("fc.bias"), r"missing tensor\(s\) 'fc.bias'"),
+    (lambda w: w.update(extra=torch.zeros(1)), r"unexpected tensor\(s\) 'extra'"),
+    (lambda w: w.update({"fc.weight": torch.zeros(4, 3)}), r"'fc.weight' has shape \(4, 3\), expected \(3, 4\)"),
+    (lambda w: w.update({"fc.weight": torch.zeros(3, 4, dtype=torch.float64)}), r"'fc.weight' has dtype torch.float64"),
+    (lambda w: w.update({"fc.bias": torch.tensor([0.0, float("nan"), 0.0])}), r"'fc.bias' contains NaN or Inf"),
+    (lambda w: w.update({"fc.bias": torch.tensor([0.0, float("inf"), 0.0])}), r"'fc.bias' contains NaN or Inf"),
+])
+def test_wrong_weights_are_rejected_naming_the_edge(mutate, expected):
+    weights = _reference()
+    mutate(weights)
+    with pytest.raises(wire.EdgeReplyError, match=r"'edge-3'.*" + expected):
+        _parse(_reply(_fit_content(weights)))
+
+
+def test_an_oversized_payload_is_rejected_before_parsing():
+    reply = _reply(_fit_content())
+    with pytest.raises(wire.EdgeReplyError, match=r"edge-3: 'weights' payload of \d+ bytes exceeds the limit of 100"):
+        _parse(reply, max_bytes=100)
+
+
+def test_nothing_received_is_unpickled(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    import pickle
+
+    evil = pickle.dumps({"fc.weight": Exploit()})
+    content = _fit_content()
+    content[wire.WEIGHTS] = wire.payload_record(evil)
+    with pytest.raises(wire.EdgeReplyError, match="edge-3.*not a valid safetensors payload"):
+        _parse(_reply(content))
+    # An array in numpy's own serialisation (what ArrayRecord(torch_state_dict) would send) is refused too.
+    content[wire.WEIGHTS] = ArrayRecord({"payload": Array(torch.zeros(3).numpy())})
+    with pytest.raises(wire.EdgeReplyError, match="serialisation 'numpy.ndarray'"):
+        _parse(_reply(content))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("metrics, expected", [
+    ({"num-samples": 0}, "'num-samples' must be an integer >= 1"),
+    ({"num-samples": 2.5}, "'num-samples' must be an integer >= 1"),
+    ({"accuracy": 1.5}, r"'accuracy' must be a number in \[0, 1\]"),
+    ({"accuracy": float("nan")}, r"'accuracy' must be a number in \[0, 1\]"),
+    ({"test-samples": -1}, "'test-samples' must be an integer >= 0"),
+])
+def test_wrong_numbers_are_rejected(metrics, expected):
+    values = {"num_samples": 20, "accuracy": 0.5, "test_samples": 5}
+    values.update({k.replace("-", "_"): v for k, v in metrics.items()})
+    with pytest.raises(wire.EdgeReplyError, match="edge-3.*" + expected):
+        _parse(_reply(_fit_content(**values)))
+
+
+def test_error_replies_replies_from_other_nodes_and_bad_history_are_rejected():
+    with pytest.raises(wire.EdgeReplyError, match=r"edge-3: error reply \(code 2\): ClientApp raised"):
+        _parse(_reply(error=Error(code=2, reason="ClientApp raised ValueError")))
+    with pytest.raises(wire.EdgeReplyError, match="edge-3: reply came from node 8, expected node 7"):
+        _parse(_reply(_fit_content(), src=8))
+    with pytest.raises(wire.EdgeReplyError, match="'history' is not valid JSON"):
+        _parse(_reply(_fit_content(history="[{")))
+    with pytest.raises(wire.EdgeReplyError, match="'history' must be a list"):
+        _parse(_reply(_fit_content(history='[{"loss": "x"}]')))
+    content = _fit_content()
+    del content[wire.METRICS]
+    with pytest.raises(wire.EdgeReplyError, match="edge-3: the reply has no 'metrics' record"):
+        _parse(_reply(content))
+
+
+@pytest.mark.parametrize("payload, expected", [
+    (_data_payload(shape=(3, 4, 4)), r"training images must be uint8 \[N, 1, 4, 4\]"),
+    (_data_payload(label_shift=5), r"training labels span \[5, 14\] but the run has 10 classes"),
+    (_data_payload(n=19), "reports 20 training samples but uploaded 19"),
+    (encode_state_dict({"images": torch.zeros(2, 1, 4, 4, dtype=torch.uint8), "secrets": torch.zeros(2)}),
+     "training data must hold 'images', 'labels'"),
+])
+def test_wrong_training_data_is_rejected(payload, expected):
+    with pytest.raises(wire.EdgeReplyError, match="edge-3.*" + expected):
+        _parse(_reply(_fit_content(data=payload)), spec=SPEC)
+
+
+def test_deploy_settings_are_checked():
+    assert deploy_settings({}).required_edges(4) == 4
+    assert deploy_settings({"min_edges": 2}, num_edges=4).required_edges(4) == 2
+    with pytest.raises(ConfigError, match="unknown config key 'deploy.min_edge'"):
+        deploy_settings({"min_edge": 1})
+    with pytest.raises(ConfigError, match="'deploy.share_data' must be one of full, none"):
+        deploy_settings({"share_data": "some"})
+    with pytest.raises(ConfigError, match="'deploy.min_edges' is 3 but the run has only 2 edges"):
+        deploy_settings({"min_edges": 3}, num_edges=2)
+    with pytest.raises(ConfigError, match="'deploy.round_timeout_s' must be a number > 0"):
+        deploy_settings({"round_timeout_s": 0})
+    with pytest.raises(ConfigError, match="only used with deploy.share_data = \"none\""):
+        deploy_settings({"server_data": "mnist"})
+    rest, section = split_deploy_section({"seed": 1, "deploy": {"min_edges": 1}})
+    assert rest == {"seed": 1} and section == {"min_edges": 1}
+    none = deploy_settings({"share_data": "none"})
+    assert "one-shot FedAvg" in check_data_policy(resolve_config({}), none)
+    with pytest.raises(ConfigError, match='init = "warmup" trains on the server'):
+        check_data_policy(resolve_config({"init": "warmup"}), none)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The server's pool against a scripted grid: ordering, missing edges, quorum
+# ---------------------------------------------------------------------------------------------------
+
+
+class ScriptedGrid:
+    """A stand-in for Flower's Grid: each node answers through a Python function (None: never answers).
+    Replies come back in reverse order of sending, to show that the pool restores edge order."""
+
+    def __init__(self, nodes: dict[int, object]):
+        self.nodes = nodes
+        self.replies: dict[str, Message] = {}
+        self.sent: list[Message] = []
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def push_messages(self, messages):
+        ids = []
+        for message in messages:
+            message_id = f"m{len(self.sent)}"
+            self.sent.append(message)
+            node = message.metadata.dst_node_id
+            answer = self.nodes[node](message)
+            if isinstance(answer, Error):
+                self.replies[message_id] = _reply(error=answer, src=node, reply_to=message_id)
+            elif answer is not None:
+                self.replies[message_id] = _reply(answer, src=node, reply_to=message_id,
+                                                  message_type=message.metadata.message_type)
+            ids.append(message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        ready = [i for i in message_ids if i in self.replies]
+        return [self.replies.pop(i) for i in reversed(ready)]
+
+
+def _scripted_edge(partition_id: int, behaviour: str = "ok"):
+    def answer(message: Message):
+        kind = message.metadata.message_type
+        if kind == wire.HELLO:
+            return RecordDict({wire.METRICS: MetricRecord({"partition-id": partition_id, "train-samples": 20,
+                                                           "test-samples": 5}),
+                               wire.REPORT: ConfigRecord({"mode": "partition"})})
+        if behaviour == "silent":
+            return None
+        if behaviour == "crash":
+            return Error(code=2, reason="<class 'RuntimeError'>:<'out of memory'>")
+        if kind == wire.UPDATE:
+            return RecordDict({wire.METRICS: MetricRecord({"accuracy": 0.5, "test-samples": 5})})
+        weights = {k: v + partition_id if v.is_floating_point() else v for k, v in _reference().items()}
+        if behaviour == "nan":
+            weights["fc.bias"] = torch.full((3,), float("nan"))
+        if message.content[wire.CONFIG].get("send-data"):
+            return _fit_content(weights, data=encode_state_dict({
+                "images": torch.full((20, 1, 4, 4), partition_id, dtype=torch.uint8),
+                "labels": torch.full((20,), partition_id, dtype=torch.int64),
+                "index": torch.arange(20, dtype=torch.int64) * 4 + partition_id}))
+        return _fit_content(weights)
+
+    return answer
+
+
+def _pool(grid, *, num_edges, min_edges=0, timeout=0.5):
+    from ecavg.runtime.flower.server import FlowerEdgePool
+
+    settings = deploy_settings({"min_edges": min_edges, "round_timeout_s": timeout, "connect_timeout_s": 1.0},
+                               num_edges=num_edges)
+    return FlowerEdgePool(grid, num_edges=num_edges, settings=settings, spec=SPEC, classes=[str(c) for c in range(10)],
+                          reference=_reference(), upload_data=True, server_data=None)
+
+
+@pytest.fixture
+def task_identity(monkeypatch):
+    # Flower stamps outgoing messages with the run id of the task; outside a run, give it one.
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+def test_pool_keeps_edge_order_and_records_missing_edges(task_identity):
+    # node ids are unrelated to partition ids; replies arrive in reverse order
+    grid = ScriptedGrid({101: _scripted_edge(3), 102: _scripted_edge(0), 103: _scripted_edge(2, "nan"),
+                         104: _scripted_edge(1, "silent"), 105: _scripted_edge(4, "crash")})
+    pool = _pool(grid, num_edges=5, min_edges=2)
+    pool.connect()
+    assert pool.nodes == {"edge-0": 102, "edge-1": 104, "edge-2": 103, "edge-3": 101, "edge-4": 105}
+    replies = list(pool.fit(_reference(), phase="pretrain", epochs=1, only=pool.names))
+    assert [r.name for r in replies] == ["edge-0", "edge-3"]
+    assert torch.equal(replies[1].weights["fc.bias"], torch.full((3,), 3.0))
+    assert pool.missing["edge-1"].startswith("timeout: no reply to train.pretrain within 0.5 s")
+    assert pool.missing["edge-2"] == ("rejected: weights from 'edge-2': tensor 'fc.bias' contains NaN or Inf "
+                                      "values (phase pretrain)")
+    assert pool.missing["edge-4"].startswith("error: edge-4: error reply (code 2)") and "out of memory" in \
+        pool.missing["edge-4"]
+    # The server's data: the uploads, put back in the run's order by their positions.
+    union = pool.training_data()
+    assert len(union) == 40 and union.labels.tolist() == [0, 3] * 20
+    # Missing edges get no further messages; the others are evaluated.
+    evaluations = list(pool.evaluate(_reference(), phase="update"))
+    assert sorted(e.name for e in evaluations) == ["edge-0", "edge-3"]
+    assert {m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == wire.UPDATE} == {101, 102}
+
+
+def test_pool_stops_below_min_edges_naming_the_missing(task_identity):
+    from ecavg.runtime.flower.server import EdgeQuorumError
+
+    grid = ScriptedGrid({1: _scripted_edge(0), 2: _scripted_edge(1, "silent"), 3: _scripted_edge(2)})
+    pool = _pool(grid, num_edges=3, min_edges=3)
+    pool.connect()
+    with pytest.raises(EdgeQuorumError, match=r"pretrain: only 2 of 3 edges took part, but deploy.min_edges "
+                                              r"requires 3.*edge-1: timeout"):
+        list(pool.fit(None, phase="pretrain", epochs=1, only=pool.names))
+
+
+def test_pool_refuses_a_federation_that_does_not_fit(task_identity):
+    from ecavg.runtime.flower.server import DeploymentError, EdgeQuorumError
+
+    grid = ScriptedGrid({1: _scripted_edge(0), 2: _scripted_edge(0)})
+    with pytest.raises(DeploymentError, match="SuperNodes 1 and 2 both have partition-id 0"):
+        _pool(grid, num_edges=2).connect()
+    grid = ScriptedGrid({1: _scripted_edge(0), 2: _scripted_edge(5)})
+    with pytest.raises(EdgeQuorumError, match=r"connect: only 1 of 2.*edge-1: not connected.*partition-id 5 is out "
+                                              r"of range"):
+        _pool(grid, num_edges=2).connect()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Real deployments with failing edges, TLS and SuperNode authentication
+# ---------------------------------------------------------------------------------------------------
+
+
+def _kill_when(federation, label: str, text: str, *, within_s: float = 200.0) -> threading.Thread:
+    """Kill SuperNode ``label`` (its whole process group) as soon as its log shows ``text``."""
+    log_path = federation.logs_dir / f"{label}.log"
+
+    def watch() -> None:
+        deadline = time.monotonic() + within_s
+        while time.monotonic() < deadline:
+            if log_path.exists() and text in log_path.read_text(errors="replace"):
+                federation.kill(label)
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+@needs_proc
+def test_tls_authenticated_run_goes_on_without_a_dead_edge_and_refuses_strangers(tmp_path):
+    """Over TLS with SuperNode authentication: a SuperNode without a registered key is refused; edge-1 dies
+    while pre-training; with min_edges = 1 the run finishes with edge-0 and records why edge-1 is missing."""
+    user = _quick_config(name="tls-dead-edge", deploy={"min_edges": 1, "round_timeout_s": 30.0})
+    watchers = []
+
+    def disturb(federation) -> None:
+        # Not registered, and claiming edge-0's partition: if it got in, the run would fail on the duplicate.
+        federation.start_supernode("stranger", {"partition-id": 0})
+        watchers.append(_kill_when(federation, "edge-1", "Receiving: train.pretrain"))
+
+    results = deploy_local(user, edges=2, output_dir=tmp_path / "run", tls=True, node_auth=True,
+                           timeout_s=240, on_started=disturb)
+    out = Path(results["output_dir"])
+    try:
+        assert list(results["missing_edges"]) == ["edge-1"]
+        assert results["missing_edges"]["edge-1"].startswith("timeout: no reply to train.pretrain within 30 s")
+        edges = {e["name"]: e for e in results["edges"]}
+        assert edges["edge-0"]["accuracy_before"] > 0.5 and edges["edge-0"]["accuracy_after"] > 0.5
+        assert edges["edge-1"]["accuracy_before"] is None and edges["edge-1"]["accuracy_after"] is None
+        assert results["server"]["accuracy_finetuned"] > 0.5
+        stranger_log = (out / "logs" / "stranger.log").read_text(errors="replace")
+        assert "SuperNode authentication is enabled" in stranger_log
+        superlink_log = (out / "logs" / "superlink.log").read_text(errors="replace")
+        assert "--insecure" not in json.dumps(results) and "insecure HTTP server" not in superlink_log
+        assert (out / "deploy" / "credentials" / "ca.crt").exists()
+    finally:
+        _assert_all_stopped(out)
+
+
+@needs_proc
+def test_a_run_below_min_edges_stops_with_a_clear_error_and_keeps_what_it_has(tmp_path):
+    user = _quick_config(name="quorum", deploy={"round_timeout_s": 30.0})  # min_edges = 0: every edge
+
+    def disturb(federation) -> None:
+        _kill_when(federation, "edge-1", "Receiving: train.pretrain")
+
+    out = tmp_path / "run"
+    with pytest.raises(DeployError, match=r"the run stopped: EdgeQuorumError: pretrain: only 1 of 2 edges took "
+                                          r"part, but deploy.min_edges requires 2 .*edge-1: timeout"):
+        deploy_local(user, edges=2, output_dir=out, timeout_s=240, on_started=disturb)
+    try:
+        failure = json.loads((out / "failure.json").read_text())
+        assert failure["missing_edges"]["edge-1"].startswith("timeout")
+        # edge-0's pre-training reply (record and weights) is kept, as are the logs of every process.
+        record = json.loads((out / "checkpoints" / "pretrain__edge-0.json").read_text())
+        assert record["num_samples"] == 2000 and 0.5 < record["accuracy"] <= 1.0
+        assert (out / "checkpoints" / "pretrain__edge-0.safetensors").exists()
+        assert not (out / "results.json").exists()
+        for name in ("superlink.log", "edge-0.log", "edge-1.log", "server.log", "serverapp.log"):
+            assert (out / "logs" / name).exists(), name
+        assert "EdgeQuorumError" in (out / "logs" / "serverapp.log").read_text(errors="replace")
+    finally:
+        _assert_all_stopped(out)

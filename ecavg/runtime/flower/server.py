@@ -128,7 +128,7 @@ class FlowerEdgePool(EdgePool):
                     reply, source=name, node_id=self.nodes[name], reference=reference,
                     max_bytes=self.settings.max_message_bytes, spec=self._spec if wants_data[name] else None)
             except wire.EdgeReplyError as error:
-                self._drop(name, phase, f"rejected: {error}")
+                self._drop(name, phase, f"{error.kind}: {error}")
             else:
                 if parsed.data is not None:
                     self._add_data(name, parsed.data, parsed.data_bytes)
@@ -161,7 +161,7 @@ class FlowerEdgePool(EdgePool):
             try:
                 accuracy, test_samples = wire.parse_evaluate_reply(reply, source=name, node_id=self.nodes[name])
             except wire.EdgeReplyError as error:
-                self._drop(name, phase, f"rejected: {error}")
+                self._drop(name, phase, f"{error.kind}: {error}")
                 continue
             yield EdgeEvaluation(name, accuracy, test_samples, bytes_down=len(payload))
 
@@ -202,8 +202,9 @@ class FlowerEdgePool(EdgePool):
                 problems.append(str(error))
                 continue
             if identity.partition_id in claimed:
-                raise DeploymentError(f"SuperNodes {claimed[identity.partition_id]} and {node} both have "
-                                      f"partition-id {identity.partition_id}; give every SuperNode its own")
+                first, second = sorted((claimed[identity.partition_id], node))
+                raise DeploymentError(f"SuperNodes {first} and {second} both have partition-id "
+                                      f"{identity.partition_id}; give every SuperNode its own")
             claimed[identity.partition_id] = node
             name = self._names[identity.partition_id]
             self.nodes[name] = node
@@ -258,7 +259,7 @@ class FlowerEdgePool(EdgePool):
     def _drop(self, name: str, phase: str, reason: str) -> None:
         if name in self.missing:
             return
-        self.missing[name] = f"{reason} (phase {phase})" if phase not in reason else reason
+        self.missing[name] = f"{reason} (phase {phase})"
         log.warning("%s is out of the run: %s", name, self.missing[name])
         self._emit({"participant": name, "phase": phase, "event": "missing", "reason": self.missing[name]})
 
@@ -286,7 +287,7 @@ class FlowerEdgePool(EdgePool):
                 data, size = wire.parse_data_reply(reply, source=name, node_id=self.nodes[name], spec=self._spec,
                                                    max_bytes=self.settings.max_message_bytes)
             except wire.EdgeReplyError as error:
-                self._drop(name, "data", f"rejected: {error}")
+                self._drop(name, "data", f"{error.kind}: {error}")
                 continue
             self._add_data(name, data, size)
         if not self._data:

@@ -53,7 +53,15 @@ _MAX_HISTORY_CHARS = 1_000_000
 
 
 class EdgeReplyError(ValueError):
-    """A reply from an edge that the server refuses; the message names the edge."""
+    """A reply from an edge that the server refuses; the message names the edge.
+
+    ``kind`` is "error" when the edge itself reported a failure (an error reply), "rejected" when the reply
+    failed validation.
+    """
+
+    def __init__(self, message: str, *, kind: str = "rejected"):
+        super().__init__(message)
+        self.kind = kind
 
 
 def fit_message_type(phase: str) -> str:
@@ -214,7 +222,7 @@ def check_reply_envelope(reply: Message, *, source: str, node_id: int) -> None:
     """The reply comes from the edge's node and is not an error (an error is reported with its reason)."""
     if reply.has_error():
         error = reply.error
-        raise EdgeReplyError(f"{source}: error reply (code {error.code}): {error.reason}")
+        raise EdgeReplyError(f"{source}: error reply (code {error.code}): {error.reason}", kind="error")
     if reply.metadata.src_node_id != node_id:
         raise EdgeReplyError(f"{source}: reply came from node {reply.metadata.src_node_id}, expected node {node_id}")
 
