@@ -90,10 +90,11 @@ def plot_accuracy(results: Mapping[str, Any], path: Path) -> None:
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 100)
     ax.set_title(f"{results['strategy']}: {results['dataset']} / {results['model']}")
-    ax.legend(fontsize=7, loc="lower right")
+    # Below the axes, so that it never hides a bar.
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=4, frameon=False)
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
     plt.close(fig)
     os.replace(tmp, path)
 

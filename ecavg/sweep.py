@@ -146,7 +146,8 @@ def _fmt(metric: str, value: Any) -> str:
 
 
 def _fmt_value(v: Any) -> str:
-    return json.dumps(v) if isinstance(v, list) else str(v)
+    """A grid value as it is written in --grid / TOML (true, [0.7, 0.3], resnet18)."""
+    return json.dumps(v) if isinstance(v, (list, bool)) else str(v)
 
 
 def write_sweep_outputs(out: Path, keys: list[str], rows: list[dict[str, Any]], base: Mapping[str, Any]) -> None:
@@ -167,9 +168,9 @@ def write_sweep_outputs(out: Path, keys: list[str], rows: list[dict[str, Any]], 
         f"Base: strategy `{resolved['strategy']}`, dataset `{resolved['data']['dataset']}`, model "
         f"`{resolved['model']['name']}`, {resolved['data']['num_edges']} edges, edge epochs {resolved['edge']['epochs']}, "
         f"server epochs {resolved['server']['epochs']}, train fraction {resolved['data']['train_fraction']}. "
-        "Accuracies in %, edge figures are the mean over edges" + (" ; mean ± std over seeds." if by_seed else "."),
+        "Accuracies in %, edge figures are the mean over edges" + ("; mean ± std over seeds." if by_seed else "."),
         "",
-        "| " + " | ".join(shown_keys + ([f"seeds"] if by_seed else []) + [METRIC_TITLES[m] for m in METRICS]) + " |",
+        "| " + " | ".join(shown_keys + (["seeds"] if by_seed else []) + [METRIC_TITLES[m] for m in METRICS]) + " |",
         "|" + "---|" * len(shown_keys) + ("---:|" if by_seed else "") + "---:|" * len(METRICS),
     ]
     for r in shown_rows:
@@ -198,9 +199,11 @@ def _plot(path: Path, keys: list[str], rows: list[dict[str, Any]]) -> None:
                   fontsize=8)
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.legend(fontsize=7)
+    # Below the axes, so that it never hides a bar.
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.35 if len(rows) > 4 else -0.12), ncol=4,
+              frameon=False)
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
     plt.close(fig)
     tmp.replace(path)
