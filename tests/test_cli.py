@@ -170,3 +170,32 @@ def test_python_api_average_state_dicts():
     avg = ecavg.average_state_dicts([a, b], [1, 3])
     assert torch.allclose(avg["w"], torch.tensor([2.5, 5.0]))
     assert avg["n"].dtype == torch.int64
+
+
+def test_pretrained_init_loads_body_and_replaces_head(tmp_path):
+    from ecavg.models import build_model
+
+    source = build_model("mlp", num_classes=5, in_channels=1, image_size=28, options={"hidden": 64})
+    torch.save(source.state_dict(), tmp_path / "other-task.pth")
+    out = tmp_path / "run"
+    results = run_experiment(quick(init="pretrained", pretrained=str(tmp_path / "other-task.pth"), strategy="local"),
+                             output_dir=out)
+    init = load_state_dict(out / "checkpoints" / "init.safetensors")
+    assert torch.equal(init["hidden.weight"], source.state_dict()["hidden.weight"])
+    assert init["classifier.weight"].shape == (10, 64)  # head replaced: 5 classes there, 10 here
+    assert results["edges"][0]["accuracy_before"] > 0.5
+
+
+def test_missing_pretrained_file_is_a_clear_error(tmp_path, capsys):
+    code = main(["run", "--config", str(QUICKSTART), "--output", str(tmp_path / "x"), "--set", "init=pretrained",
+                 "--set", f"pretrained={json.dumps(str(tmp_path / 'nope.pth'))}"])
+    assert code == 2
+    assert "nope.pth" in capsys.readouterr().err
+
+
+def test_warmup_init_trains_the_shared_start(tmp_path):
+    out = tmp_path / "run"
+    run_experiment(quick(init="warmup", warmup={"epochs": 1, "data_fraction": 0.5}, strategy="local"), output_dir=out)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    warmup = [r for r in records if r["phase"] == "warmup"]
+    assert len(warmup) == 1 and warmup[0]["participant"] == "server" and warmup[0]["test_accuracy"] > 0.5

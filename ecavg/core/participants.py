@@ -65,13 +65,15 @@ class ModelFactory:
     pretrained: str = ""
     channels_last: bool = False  # set by build(): conv nets run in channels_last, inputs must match
 
-    def build(self, seed: int) -> nn.Module:
+    def build(self, seed: int, *, with_pretrained: bool = False) -> nn.Module:
+        """A fresh model; ``with_pretrained`` loads the pretrained file (only the server's shared start needs it:
+        everyone else receives weights)."""
         torch.manual_seed(seed)
         model = build_model(
             self.name, num_classes=self.spec.num_classes, in_channels=self.spec.in_channels,
             image_size=self.spec.image_size, options=dict(self.options),
         )
-        if self.pretrained:
+        if with_pretrained and self.pretrained:
             load_pretrained(model, self.pretrained)
         model = model.to(self.device)
         self.channels_last = uses_channels_last(model)
@@ -160,7 +162,8 @@ class ServerWorker:
     eval_each_epoch: bool = True
 
     def new_model(self, weights: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
-        model = self.factory.build(derive_seed(self.seed, "init", "server"))
+        """A model holding ``weights``; None gives the server's own start (seeded random or the pretrained file)."""
+        model = self.factory.build(derive_seed(self.seed, "init", "server"), with_pretrained=weights is None)
         if weights is not None:
             load_weights(model, weights)
         return model
