@@ -69,6 +69,9 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
     except DeployError as e:
         print(f"ecavg: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("\necavg: interrupted; every process this command started has been stopped", file=sys.stderr)
+        return 130
     if isinstance(results, int):
         print(f"Submitted run {results}; follow it with `flwr log {results} <connection>`")
         return 0

@@ -220,9 +220,11 @@ class LocalFederation:
         log.debug("started %s (pid %d): %s", label, process.pid, " ".join(command))
         return process
 
-    def _write_pids(self) -> None:
+    def _write_pids(self, helpers: list[int] | None = None) -> None:
         # For the record (and for a manual clean-up if this launcher itself was killed with SIGKILL).
-        pids = {label: p.pid for label, p in self.processes.items()}
+        pids: dict[str, Any] = {label: p.pid for label, p in self.processes.items()}
+        if helpers is not None:
+            pids["helpers"] = helpers
         (self.logs_dir / "pids.json").write_text(json.dumps(pids, indent=1) + "\n")
 
     def start_superlink(self) -> None:
@@ -306,11 +308,19 @@ class LocalFederation:
         return label in self.processes and self.processes[label].poll() is None
 
     def stop(self) -> None:
-        """Stop every process this federation started: SuperNodes first, then the SuperLink."""
+        """Stop every process this federation started: SuperNodes first, then the SuperLink.
+
+        Flower starts helpers under them (SuperExec, the ServerApp and ClientApp processes), some in
+        sessions of their own; they are found (before anything is signalled, while the process tree is
+        intact) and stopped by pid as well, and recorded in ``logs/pids.json``.
+        """
         order = [label for label in self.processes if label != "superlink"] + \
                 (["superlink"] if "superlink" in self.processes else [])
+        helpers = sorted(_descendants({p.pid for p in self.processes.values()}))
+        self._write_pids(helpers)
         for label in order:
             self._signal_group(self.processes[label], signal.SIGTERM)
+        _signal_pids(helpers, signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE_S
         for label in order:
             process = self.processes[label]
@@ -324,6 +334,9 @@ class LocalFederation:
                 process.wait(timeout=5)
             except subprocess.TimeoutExpired:  # pragma: no cover - a process that ignores SIGKILL
                 log.error("%s (pid %d) could not be stopped", label, process.pid)
+        while _signal_pids(helpers, 0) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        _signal_pids(helpers, signal.SIGKILL)
 
     @staticmethod
     def _signal_group(process: subprocess.Popen, sig: int) -> None:
@@ -331,6 +344,51 @@ class LocalFederation:
             os.killpg(process.pid, sig)
         except (ProcessLookupError, PermissionError):
             pass
+
+
+def _process_table() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, state) from /proc (Linux); empty elsewhere."""
+    table: dict[int, tuple[int, str]] = {}
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return table
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # the command name may hold spaces and parentheses
+        table[int(entry.name)] = (int(fields[1]), fields[0])
+    return table
+
+
+def _descendants(roots: set[int]) -> set[int]:
+    table = _process_table()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    found: set[int] = set()
+    stack = list(roots)
+    while stack:
+        for child in children.get(stack.pop(), []):
+            if child not in found and child not in roots:
+                found.add(child)
+                stack.append(child)
+    return found
+
+
+def _signal_pids(pids: list[int], sig: int) -> list[int]:
+    """Signal each live (non-zombie) pid; returns those that were alive. ``sig`` 0 only checks."""
+    table = _process_table()
+    alive = [pid for pid in pids if pid in table and table[pid][1] != "Z"]
+    for pid in alive:
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return alive
 
 
 # ---------------------------------------------------------------------------------------------------
