@@ -519,3 +519,93 @@ def test_certs_make_a_ca_a_server_certificate_and_node_keys(tmp_path):
         make_credentials(root, hosts=["10.1.2.3"])
     with pytest.raises(CertificateError, match="neither an IP address nor a DNS name"):
         make_credentials(tmp_path / "d", hosts=["http://x"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Server and edges together, in one process: the real ServerApp logic and ClientApp handlers
+# ---------------------------------------------------------------------------------------------------
+
+_RUN_IDS = iter(range(1000, 100000))
+
+
+class InProcessGrid(ScriptedGrid):
+    """Delivers each message to the real ClientApp (``client_app``) in this process, with the node's own
+    node config: the whole protocol of a deployment without processes or network."""
+
+    def __init__(self, node_configs: dict[int, dict], run_config: dict):
+        from flwr.app import Context
+
+        from ecavg.runtime.flower import client_app
+
+        run_id = next(_RUN_IDS)  # the ClientApp caches its edge per (run, node)
+
+        def deliver(node_id: int):
+            context = Context(run_id=run_id, node_id=node_id, node_config=node_configs[node_id], state=RecordDict(),
+                              run_config=run_config)
+
+            def answer(message: Message):
+                message.metadata.__dict__["_message_id"] = f"in-{next(_RUN_IDS)}"
+                return client_app(message, context).content
+
+            return answer
+
+        super().__init__({node_id: deliver(node_id) for node_id in node_configs})
+
+
+def _serve_in_process(tmp_path, user: dict, node_configs: dict[int, dict] | None = None) -> dict:
+    from ecavg.deploy import prepare_config
+    from ecavg.runtime.flower import run_server
+
+    cfg, section = prepare_config(user, edges=None)
+    run_config = {"ecavg-config": json.dumps(cfg), "ecavg-deploy": json.dumps(section),
+                  "output-dir": str(tmp_path / "served"), "data-dir": ""}
+    nodes = node_configs or {10 + k: {"partition-id": k} for k in range(cfg["data"]["num_edges"])}
+    return run_server(InProcessGrid(nodes, run_config), run_config, log_to_output=False)
+
+
+def _accuracies(results: dict) -> tuple:
+    return (tuple((e["accuracy_before"], e["accuracy_after"]) for e in results["edges"]),
+            results["server"]["accuracy_averaged"], results["server"]["accuracy_finetuned"])
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "centralized", "local"])
+def test_every_strategy_runs_over_the_flower_pool_as_embedded(tmp_path, task_identity, strategy):
+    user = _quick_config(strategy=strategy, fedavg={"rounds": 2})
+    served = _serve_in_process(tmp_path, user)
+    embedded = run_experiment(resolve_config(user), output_dir=tmp_path / "embedded")
+    assert _accuracies(served) == _accuracies(embedded)
+    # Only a run that trains on the server collects the edges' data.
+    assert (served["deploy"]["data_bytes_up"] > 0) == (strategy == "centralized")
+
+
+def test_share_data_none_without_server_data_is_a_one_shot_fedavg(tmp_path, task_identity):
+    served = _serve_in_process(tmp_path, _quick_config(deploy={"share_data": "none"}))
+    assert served["deploy"]["data_bytes_up"] == 0
+    assert "one-shot FedAvg" in served["deploy"]["note"]
+    assert served["server"]["accuracy_finetuned"] == served["server"]["accuracy_averaged"]
+    assert all(e["accuracy_after"] is not None for e in served["edges"])
+
+
+def test_an_edge_with_its_own_image_folder(tmp_path, task_identity, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setenv("ECAVG_CACHE_DIR", str(tmp_path / "cache"))  # the decoded folder is cached there
+
+    from ecavg.data import load_dataset
+
+    sample = load_dataset("mnist-sample")
+    folder = tmp_path / "site1"
+    for split, data, per_class in (("train", sample.train, 12), ("test", sample.test, 4)):
+        for c in range(10):
+            (folder / split / str(c)).mkdir(parents=True)
+            rows = (data.labels == c).nonzero().flatten()[:per_class]
+            for i, row in enumerate(rows.tolist()):
+                Image.fromarray(data.images[row, 0].numpy(), mode="L").save(folder / split / str(c) / f"{i}.png")
+    served = _serve_in_process(tmp_path, _quick_config(), node_configs={
+        10: {"partition-id": 0}, 11: {"partition-id": 1, "dataset": f"imagefolder:{folder}"}})
+    assert served["deploy"]["edge_data"] == {"edge-0": "partition", "edge-1": "own"}
+    edges = {e["name"]: e for e in served["edges"]}
+    assert (edges["edge-1"]["train_samples"], edges["edge-1"]["test_samples"]) == (120, 40)
+    assert edges["edge-1"]["accuracy_after"] is not None
+    # The server fine-tuned on the union: edge-0's partition followed by edge-1's own images.
+    assert served["bytes"]["uplink"] > served["deploy"]["data_bytes_up"] > 2000 * 784

@@ -314,16 +314,18 @@ class FlowerEdgePool(EdgePool):
 # ---------------------------------------------------------------------------------------------------
 
 
-def _configure_logging(out: Path) -> None:
+def _attach_log_handlers(out: Path) -> list[logging.Handler]:
+    """The ServerApp process logs to <output>/logs/server.log and to stdout (which `flwr log` shows)."""
     (out / "logs").mkdir(parents=True, exist_ok=True)
     formatter = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
-    file_handler = logging.FileHandler(out / "logs" / "server.log")
-    file_handler.setFormatter(formatter)
-    stream_handler = logging.StreamHandler(sys.stdout)  # what `flwr log` shows
-    stream_handler.setFormatter(formatter)
-    log.handlers = [file_handler, stream_handler]
-    log.setLevel(logging.INFO)
-    log.propagate = False
+    handlers: list[logging.Handler] = [logging.FileHandler(out / "logs" / "server.log"),
+                                       logging.StreamHandler(sys.stdout)]
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        log.addHandler(handler)
+    if log.level == logging.NOTSET or log.level > logging.INFO:
+        log.setLevel(logging.INFO)
+    return handlers
 
 
 def _own_server_data(name: str, data_dir: str | None, splits_classes: list[str], spec: DataSpec) -> ImageDataset:
@@ -335,15 +337,29 @@ def _own_server_data(name: str, data_dir: str | None, splits_classes: list[str],
     return data
 
 
-def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
-    """Run one experiment as the server of a Flower federation; writes the output directory like ``ecavg run``."""
+def run_server(grid: Grid, run_config: Mapping[str, Any], *, log_to_output: bool = True) -> dict[str, Any]:
+    """Run one experiment as the server of a Flower federation; writes the output directory like ``ecavg run``.
+
+    ``run_config`` is the Flower run config written by :func:`ecavg.deploy.write_app` (``ecavg-config``,
+    ``ecavg-deploy``, ``output-dir``, ``data-dir``).
+    """
     cfg = resolve_config(json.loads(str(run_config["ecavg-config"])))
     settings = deploy_settings(json.loads(str(run_config.get("ecavg-deploy", "{}"))), num_edges=cfg["data"]["num_edges"])
     note = check_data_policy(cfg, settings)
     data_dir = str(run_config.get("data-dir", "")) or None
     out = Path(str(run_config["output-dir"]))
     _prepare_output(cfg, out, data_dir)
-    _configure_logging(out)
+    handlers = _attach_log_handlers(out) if log_to_output else []
+    try:
+        return _serve(grid, cfg, settings, note, out, data_dir)
+    finally:
+        for handler in handlers:
+            log.removeHandler(handler)
+            handler.close()
+
+
+def _serve(grid: Grid, cfg: dict[str, Any], settings: DeploySettings, note: str | None, out: Path,
+           data_dir: str | None) -> dict[str, Any]:
     if cfg["threads"] > 0:
         torch.set_num_threads(cfg["threads"])
     device = resolve_device(cfg["device"])
