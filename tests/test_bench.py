@@ -1,0 +1,182 @@
+"""Smoke tests for the benchmarks (bench/): the quick aggregation and transfer code on tiny inputs, so it cannot rot.
+
+Nothing here asserts a speed: timings on a shared machine are noise. The checks are that each piece runs, returns
+well-formed results, and computes the right thing (averages, codecs, results file).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from bench import aggregation, codecs, common, run as bench_run, transfer
+
+
+def test_perturbed_stream_yields_offsets_and_restores_base():
+    base = {"w": torch.zeros(3), "n": torch.tensor(5)}
+    seen = [(sd["w"][0].item(), sd["n"].item(), w, name) for sd, w, name in aggregation.perturbed_stream(base, 4)]
+    assert [s[0] for s in seen] == [0.0, 1.0, 0.0, 1.0]
+    assert [s[1] for s in seen] == [5, 6, 5, 6]
+    assert [s[3] for s in seen] == ["edge-0", "edge-1", "edge-2", "edge-3"]
+    assert base["w"].tolist() == [0.0, 0.0, 0.0] and base["n"].item() == 5
+
+
+@pytest.mark.parametrize("method", sorted(aggregation.METHODS))
+def test_every_aggregation_method_gives_the_exact_weighted_average(method):
+    base = {"a": torch.randn(4, 3), "b": torch.randn(7), "steps": torch.tensor(10)}
+    reference = {k: v.clone() for k, v in base.items()}
+    result, seconds = aggregation.METHODS[method](aggregation.perturbed_stream(base, 5))
+    assert seconds >= 0
+    assert aggregation.max_error(result, reference, 5) < 1e-5
+
+
+def test_aggregation_worker_in_process_reports_floor_and_memory():
+    timed = aggregation.worker(3, model=aggregation.TINY_MODEL, num_classes=10, bandwidth_bytes=4 * 2**20)
+    assert timed["floor_bytes"] == 4 * timed["model_bytes"]
+    for m in timed["methods"].values():
+        assert m["seconds"] > 0 and m["fraction_of_floor"] > 0 and m["max_abs_error"] < 1e-5
+    memory = aggregation.worker(3, model=aggregation.TINY_MODEL, num_classes=10, mode="memory")
+    for m in memory["methods"].values():
+        assert m["peak_models"] is None or m["peak_models"] >= 0
+
+
+def test_aggregation_run_uses_fresh_processes_per_k(capsys):
+    result = aggregation.run((2,), model=aggregation.TINY_MODEL, num_classes=10, bandwidth_bytes=4 * 2**20)
+    entry = result["per_k"][0]
+    assert entry["k"] == 2 and entry["model"] == aggregation.TINY_MODEL
+    assert set(entry["methods"]) == set(aggregation.METHODS)
+    assert "peak_models" in entry["methods"]["streaming_averager"]
+    assert "Aggregation" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", sorted(codecs.CODECS))
+def test_codec_roundtrip_keeps_dtypes_and_is_close(name):
+    torch.manual_seed(0)
+    init = {"conv.weight": torch.randn(8, 4, 3, 3), "bn.running_var": torch.rand(8) + 0.5,
+            "bn.num_batches_tracked": torch.tensor(3), "fc.weight": torch.randn(10, 8).half()}
+    trained = {k: (v + 0.05 * torch.randn_like(v.float()).to(v.dtype)) if v.is_floating_point() else v + 1
+               for k, v in init.items()}
+    codec = codecs.CODECS[name]
+    decoded, nbytes = codecs.roundtrip(codec, trained, init, name="edge-0")
+    assert nbytes > 0
+    assert {k: v.dtype for k, v in decoded.items()} == {k: v.dtype for k, v in trained.items()}
+    assert decoded["bn.num_batches_tracked"].item() == 4
+    tolerance = {"fp32": 1e-7, "fp16": 2e-3, "bf16": 1e-2}.get(codec.float_format, 2e-2)
+    if codec.delta:
+        tolerance /= 5  # deltas are small, so their rounding error is too
+    assert codecs.relative_error(trained, decoded) < tolerance
+    # 1-D tensors stay float32 in the quantised codecs: BatchNorm variance must come back unchanged.
+    if codec.float_format.startswith("int8") and not codec.delta:
+        assert torch.equal(decoded["bn.running_var"], trained["bn.running_var"])
+
+
+def test_codec_rejects_payload_of_another_codec():
+    state = {"w": torch.randn(4, 4)}
+    payload = codecs.CODECS["fp16"].encode(state)
+    with pytest.raises(ValueError, match="codec 'fp16'"):
+        codecs.CODECS["bf16"].decode(payload, state, name="edge-1")
+
+
+def test_delta_codec_needs_the_init():
+    with pytest.raises(ValueError, match="shared init"):
+        codecs.CODECS["delta-fp16"].encode({"w": torch.randn(2, 2)})
+
+
+def test_int8_payload_is_about_a_quarter():
+    state = {"w": torch.randn(256, 256)}
+    fp32 = len(codecs.CODECS["fp32"].encode(state))
+    int8 = len(codecs.CODECS["int8-channel"].encode(state))
+    assert 0.24 < int8 / fp32 < 0.3
+
+
+def test_transfer_wire_and_serialization_sections_on_small_models(capsys):
+    models = (("mlp", "mnist", 10, 1, 28), ("cnn", "cifar10", 10, 3, 32))
+    wire = transfer.wire_bytes(models, codecs=("fp32", "fp16", "int8-channel"))
+    assert wire["mlp"]["ratio_to_fp32"]["fp32"] == 1.0
+    assert 0.45 < wire["cnn"]["ratio_to_fp32"]["fp16"] < 0.55
+    speed = transfer.serialization_speed("cnn", 10, repeats=1)
+    assert all(v > 0 for v in speed["gb_per_s"].values())
+    assert math.isfinite(speed["validated_decode_over_raw_load"])
+    assert "Serialization" in capsys.readouterr().out
+
+
+def test_finite_checks_agree():
+    good = {"a": torch.randn(100), "b": torch.randn(3, 3)}
+    assert transfer._aminmax_check(good) and transfer._isfinite_check(good)
+    for bad_value in (math.nan, math.inf, -math.inf):
+        bad = {**good, "b": torch.tensor([[0.0, bad_value]])}
+        assert not transfer._aminmax_check(bad) and not transfer._isfinite_check(bad)
+
+
+def test_codec_accuracy_on_the_shipped_mnist_sample(capsys):
+    config = {
+        "strategy": "ecavg", "seed": 0, "eval_each_epoch": False,
+        "data": {"dataset": "mnist-sample", "partition": "iid", "num_edges": 2, "train_fraction": 0.25},
+        "model": {"name": "mlp", "hidden": 32},
+        "edge": {"epochs": 1, "batch_size": 64, "lr": 0.05},
+        "server": {"epochs": 1, "batch_size": 64, "lr": 0.05},
+    }
+    result = transfer.codec_accuracy(config, codecs=("fp32", "int8-channel"), test_size=300)
+    assert result["test_size"] == 300
+    fp32, int8 = result["codecs"]["fp32"], result["codecs"]["int8-channel"]
+    assert fp32["delta_accuracy_after_update"] == 0
+    assert 0.2 < int8["bytes_ratio_to_fp32"] < 0.35
+    assert 0 <= int8["accuracy_edges_after_update"] <= 1
+    assert "Codecs on a short ECAvg run" in capsys.readouterr().out
+
+
+def test_results_file_merges_sections(tmp_path):
+    path = tmp_path / "latest.json"
+    common.write_results({"aggregation": {"x": 1}}, path=path, command=["bench/run.py"])
+    common.write_results({"transfer": {"y": 2}}, path=path, command=["bench/run.py", "--quick"])
+    document = json.loads(path.read_text())
+    assert document["schema"] == common.SCHEMA_VERSION
+    assert document["sections"]["aggregation"]["x"] == 1
+    assert document["sections"]["transfer"]["command"] == ["bench/run.py", "--quick"]
+    assert "measured_at" in document["sections"]["aggregation"]
+
+
+def test_section_selection():
+    assert bench_run.selected_sections(bench_run.parse_args(["--quick"])) == list(bench_run.DEFAULT_SECTIONS)
+    assert "experiments" in bench_run.selected_sections(bench_run.parse_args([]))
+    assert bench_run.selected_sections(bench_run.parse_args(["--e2e"])) == ["e2e"]
+    assert bench_run.selected_sections(bench_run.parse_args(["--sections", "aggregation"])) == ["aggregation"]
+    with pytest.raises(SystemExit):
+        bench_run.selected_sections(bench_run.parse_args(["--sections", "nope"]))
+
+
+def test_machine_probes_return_positive_rates():
+    assert common.sgemm_peak_gflops(sizes=(128,), repeats=2) > 0
+    assert common.copy_bandwidth_gbs(nbytes=2**20, repeats=2) > 0
+    assert common.rss_bytes() > 0 and common.peak_rss_bytes() >= common.rss_bytes() // 2
+
+
+def test_encode_direct_is_valid_safetensors_for_every_dtype():
+    from safetensors.torch import load
+
+    from bench.proposals import encode_direct
+    from ecavg.core.serialization import decode_metadata
+
+    state = {
+        "w": torch.randn(5, 3), "h": torch.randn(4).half(), "b": torch.randn(2, 2).bfloat16(),
+        "d": torch.randn(3).double(), "steps": torch.tensor(7), "mask": torch.tensor([True, False, True]),
+        "q": torch.randint(-100, 100, (6,), dtype=torch.int8), "empty": torch.zeros(0, 4),
+    }
+    payload = encode_direct(state, {"codec": "fp32"})
+    decoded = load(payload)
+    assert set(decoded) == set(state)
+    for key, tensor in state.items():
+        assert decoded[key].dtype == tensor.dtype and torch.equal(decoded[key], tensor), key
+    assert decode_metadata(payload) == {"codec": "fp32"}
+
+
+def test_all_finite_aminmax_names_the_first_bad_tensor():
+    from bench.proposals import all_finite_aminmax
+
+    state = {"a": torch.randn(3), "n": torch.tensor(1), "b": torch.tensor([1.0, math.nan]), "c": torch.zeros(0)}
+    assert all_finite_aminmax(state) == "b"
+    assert all_finite_aminmax({"a": torch.randn(3), "h": torch.tensor([-math.inf]).half()}) == "h"
+    assert all_finite_aminmax({"a": torch.randn(3)}) is None
