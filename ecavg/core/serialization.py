@@ -32,6 +32,7 @@ __all__ = [
     "load_state_dict",
     "save_state_dict",
     "state_dict_nbytes",
+    "write_bytes_atomic",
 ]
 
 # safetensors layout: an 8-byte little-endian header length, a JSON header, then the raw tensor bytes.
@@ -195,13 +196,21 @@ def save_state_dict(
     file in place: readers see either the old file or the complete new one. Missing parent directories
     are created. I/O failures propagate as OSError after the temporary file is removed.
     """
-    payload = encode_state_dict(state_dict, metadata)
+    write_bytes_atomic(path, encode_state_dict(state_dict, metadata))
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: a temporary file in the same directory, fsync, ``os.replace``.
+
+    Readers see either the old file or the complete new one. Missing parent directories are created. I/O
+    failures propagate as OSError after the temporary file is removed.
+    """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
         with os.fdopen(descriptor, "wb") as handle:
-            handle.write(payload)
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp_name, target)
