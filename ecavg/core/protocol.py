@@ -257,15 +257,21 @@ def _average(ctx: RunContext, tally: _Tally, averager: StreamingAverager) -> Sta
     return averaged
 
 
+def _pretrain(ctx: RunContext, tally: _Tally, *, averager: StreamingAverager | None = None,
+              keep: dict[str, StateDict] | None = None) -> None:
+    """Steps 0-1: the shared start goes to the edges, each pre-trains and reports ``accuracy_before``."""
+    init = _initial_weights(ctx, tally)
+    records = _edge_phase(ctx, tally, "pretrain", init if ctx.cfg["shared_init"] else None,
+                          epochs=ctx.cfg["edge"]["epochs"], averager=averager, keep=keep)
+    for name, record in records.items():
+        tally.edges[name]["accuracy_before"] = record["accuracy"]
+
+
 def run_ecavg(ctx: RunContext) -> Outcome:
     tally = _Tally(ctx)
     start = time.perf_counter()
-    init = _initial_weights(ctx, tally)
     averager = StreamingAverager()
-    records = _edge_phase(ctx, tally, "pretrain", init if ctx.cfg["shared_init"] else None,
-                          epochs=ctx.cfg["edge"]["epochs"], averager=averager)
-    for name, record in records.items():
-        tally.edges[name]["accuracy_before"] = record["accuracy"]
+    _pretrain(ctx, tally, averager=averager)
     averaged = _average(ctx, tally, averager)
     finetuned = _server_train(ctx, tally, "finetune", averaged)
     _update(ctx, tally, finetuned)
@@ -275,12 +281,8 @@ def run_ecavg(ctx: RunContext) -> Outcome:
 def run_local(ctx: RunContext) -> Outcome:
     tally = _Tally(ctx)
     start = time.perf_counter()
-    init = _initial_weights(ctx, tally)
     kept: dict[str, StateDict] = {}
-    records = _edge_phase(ctx, tally, "pretrain", init if ctx.cfg["shared_init"] else None,
-                          epochs=ctx.cfg["edge"]["epochs"], averager=None, keep=kept)
-    for name, record in records.items():
-        tally.edges[name]["accuracy_before"] = record["accuracy"]
+    _pretrain(ctx, tally, keep=kept)
     return Outcome(tally.results(time.perf_counter() - start), None, dict(kept))
 
 
