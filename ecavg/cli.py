@@ -49,7 +49,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_deploy(args: argparse.Namespace) -> int:
     from ecavg.config import apply_overrides, load_toml
-    from ecavg.deploy import DeployError, deploy_local, deploy_submit
+    from ecavg.deploy import DeployError, deploy_local, deploy_simulation, deploy_submit
     from ecavg.report import results_table
 
     if args.config is None:
@@ -62,6 +62,9 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
         if args.where == "local":
             results = deploy_local(user, edges=args.edges, data_dir=args.data_dir, output_dir=args.output,
                                    tls=args.tls, node_auth=args.auth, timeout_s=args.timeout)
+        elif args.where == "sim":
+            results = deploy_simulation(user, edges=args.edges, data_dir=args.data_dir, output_dir=args.output,
+                                        cpus_per_edge=args.cpus_per_edge, timeout_s=args.timeout)
         else:
             results = deploy_submit(user, superlink=args.superlink, output_dir=str(args.output),
                                     data_dir=args.data_dir, root_certificates=args.root_certificates,
@@ -143,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--auth", action="store_true", help="SuperNode authentication (needs --tls)")
     local.add_argument("--timeout", type=float, metavar="SECONDS", help="give up after this long")
     local.set_defaults(func=_cmd_deploy)
+    sim = deploy_sub.add_parser("sim", help="Flower's simulation runtime (Ray): many edges on this machine")
+    _add_run_arguments(sim)
+    sim.add_argument("--edges", "-n", type=int, help="number of simulated edges; default data.num_edges")
+    sim.add_argument("--cpus-per-edge", type=int, default=1, help="Ray CPUs per edge (edges trained at once: "
+                                                                  "cores / this)")
+    sim.add_argument("--timeout", type=float, metavar="SECONDS", help="give up after this long")
+    sim.set_defaults(func=_cmd_deploy)
     submit = deploy_sub.add_parser("submit", help="submit to a running SuperLink (multi-host deployment)")
     _add_run_arguments(submit)
     submit.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the SuperLink's address")

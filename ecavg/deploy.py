@@ -227,9 +227,13 @@ class LocalFederation:
             pids["helpers"] = helpers
         (self.logs_dir / "pids.json").write_text(json.dumps(pids, indent=1) + "\n")
 
-    def start_superlink(self) -> None:
+    def start_superlink(self, *, simulation: bool = False) -> None:
+        """Start the SuperLink; with ``simulation``, it runs the edges itself in Flower's simulation runtime
+        (Ray) instead of waiting for SuperNodes."""
         self.port = free_ports(1)[0]
         command = [*flower_command("flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port)]
+        if simulation:
+            command.append("--simulation")
         if self.tls is None:
             command.append("--insecure")
         else:
@@ -403,8 +407,12 @@ def _json_from_output(text: str) -> dict[str, Any]:
     return json.loads(text[start:])
 
 
-def submit_run(run_cli: Callable[..., subprocess.CompletedProcess], app_dir: Path) -> int:
-    result = run_cli(["run", str(app_dir), CONNECTION, "--format", "json"], timeout=120)
+def submit_run(run_cli: Callable[..., subprocess.CompletedProcess], app_dir: Path, *,
+               federation_config: Mapping[str, Any] | None = None) -> int:
+    args = ["run", str(app_dir), CONNECTION, "--format", "json"]
+    if federation_config:
+        args += ["--federation-config", " ".join(f"{k}={json.dumps(v)}" for k, v in federation_config.items())]
+    result = run_cli(args, timeout=120)
     try:
         reply = _json_from_output(result.stdout)
     except ValueError:
@@ -669,4 +677,73 @@ def deploy_submit(
             return results
         return {"run_id": run_id, "status": status, "output_dir": output_dir}
     finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# ecavg deploy sim: Flower's simulation runtime (many edges on one machine)
+# ---------------------------------------------------------------------------------------------------
+
+
+def deploy_simulation(
+    user: Mapping[str, Any],
+    *,
+    edges: int | None = None,
+    data_dir: str | Path | None = None,
+    output_dir: str | Path | None = None,
+    cpus_per_edge: int = 1,
+    timeout_s: float | None = None,
+) -> dict[str, Any]:
+    """Run one experiment in Flower's simulation runtime: a SuperLink in simulation mode runs the ServerApp
+    and one ClientApp per edge as Ray actors on this machine (no SuperNode processes). ``cpus_per_edge``
+    is the Ray CPU share of one edge; at most (cores / cpus_per_edge) edges train at once.
+
+    Needs Ray: ``pip install 'flwr[simulation]'``. Every edge holds a partition of the run's dataset.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise DeployError("Flower's simulation runtime needs Ray: pip install 'flwr[simulation]'")
+    if isinstance(cpus_per_edge, bool) or not isinstance(cpus_per_edge, int) or cpus_per_edge < 1:
+        raise ConfigError(f"cpus_per_edge must be an integer >= 1, got {cpus_per_edge!r}")
+    cfg, deploy_section = prepare_config(user, edges=edges)
+    out = Path(output_dir) if output_dir is not None else default_output_dir(cfg)
+    if (out / RUN_CONFIG).exists():
+        raise ConfigError(f"{out} already holds a run; choose another --output")
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    logs = out / "logs"
+    data_dir_text = str(Path(data_dir).resolve()) if data_dir is not None else None
+    workdir = Path(tempfile.mkdtemp(prefix="ecavg-sim-"))
+    federation = LocalFederation(workdir, logs)
+    federation.env["RAY_USAGE_STATS_ENABLED"] = "0"  # offline: Ray reports nothing
+    # The edges' node config is Flower's ({"partition-id": k, "num-partitions": N}); the data dir, which
+    # SuperNodes would have in theirs, reaches the simulated edges through the environment.
+    if data_dir_text:
+        federation.env["ECAVG_DATA_DIR"] = data_dir_text
+    previous_sigterm = _raise_on_sigterm()
+    try:
+        with federation:
+            started = time.monotonic()
+            federation.start_superlink(simulation=True)
+            app_dir = write_app(workdir / "app", cfg, deploy_section, output_dir=str(out), data_dir=data_dir_text)
+            run_id = submit_run(federation.flwr, app_dir, federation_config={
+                "num-supernodes": cfg["data"]["num_edges"], "client-resources-num-cpus": cpus_per_edge,
+                "client-resources-num-gpus": 0.0})
+            log.info("simulation run %d: %d edges on a SuperLink at %s", run_id, cfg["data"]["num_edges"],
+                     federation.address)
+
+            def superlink_died() -> str | None:
+                return None if federation.alive("superlink") else "the SuperLink exited during the run"
+
+            try:
+                results = follow_run(federation.flwr, run_id, out, timeout_s=timeout_s, alive=superlink_died)
+            finally:
+                if federation.alive("superlink"):
+                    save_run_log(federation.flwr, run_id, logs / "serverapp.log")
+            results["output_dir"] = str(out)
+            results.setdefault("deploy", {})["launcher_wall_s"] = round(time.monotonic() - started, 3)
+            return results
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
         shutil.rmtree(workdir, ignore_errors=True)

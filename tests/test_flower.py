@@ -609,3 +609,20 @@ def test_an_edge_with_its_own_image_folder(tmp_path, task_identity, monkeypatch)
     assert edges["edge-1"]["accuracy_after"] is not None
     # The server fine-tuned on the union: edge-0's partition followed by edge-1's own images.
     assert served["bytes"]["uplink"] > served["deploy"]["data_bytes_up"] > 2000 * 784
+
+
+@needs_proc
+def test_simulation_runtime_reproduces_embedded_run(tmp_path):
+    pytest.importorskip("ray", reason="Flower's simulation runtime needs Ray (pip install 'flwr[simulation]')")
+    from ecavg.deploy import deploy_simulation
+
+    user = _quick_config(name="simulation")
+    user["data"] = {**user["data"], "num_edges": 3}
+    embedded = run_experiment(resolve_config(user), output_dir=tmp_path / "embedded")
+    simulated = deploy_simulation(user, output_dir=tmp_path / "simulated", timeout_s=240)
+    out = Path(simulated["output_dir"])
+    try:
+        assert simulated["runtime"] == "flower" and simulated["missing_edges"] == {}
+        assert _accuracies(simulated) == _accuracies(embedded)
+    finally:
+        _assert_all_stopped(out)
