@@ -92,11 +92,12 @@ def _toml_string(value: str) -> str:
 
 
 def write_app(app_dir: Path, cfg: Mapping[str, Any], deploy_section: Mapping[str, Any], *, output_dir: str,
-              data_dir: str | None) -> Path:
+              data_dir: str | None, edge_data_dir: str | None = None) -> Path:
     """A Flower App (just its pyproject.toml) whose run config carries the experiment.
 
     The components are this package's ServerApp and ClientApp; nothing else is bundled, so the FAB is a few
-    kilobytes and every host runs its own installed ecavg.
+    kilobytes and every host runs its own installed ecavg. ``data_dir`` is the server's data directory;
+    ``edge_data_dir`` the one for edges whose node config names none (the simulation runtime's edges).
     """
     app_dir.mkdir(parents=True, exist_ok=True)
     from ecavg.runtime.flower import CLIENT_APP, SERVER_APP
@@ -121,6 +122,7 @@ def write_app(app_dir: Path, cfg: Mapping[str, Any], deploy_section: Mapping[str
         f"ecavg-deploy = {_toml_string(json.dumps(dict(deploy_section)))}",
         f"output-dir = {_toml_string(output_dir)}",
         f"data-dir = {_toml_string(data_dir or '')}",
+        f"edge-data-dir = {_toml_string(edge_data_dir or '')}",
         "",
     ])
     (app_dir / "pyproject.toml").write_text(text)
@@ -717,16 +719,15 @@ def deploy_simulation(
     workdir = Path(tempfile.mkdtemp(prefix="ecavg-sim-"))
     federation = LocalFederation(workdir, logs)
     federation.env["RAY_USAGE_STATS_ENABLED"] = "0"  # offline: Ray reports nothing
-    # The edges' node config is Flower's ({"partition-id": k, "num-partitions": N}); the data dir, which
-    # SuperNodes would have in theirs, reaches the simulated edges through the environment.
-    if data_dir_text:
-        federation.env["ECAVG_DATA_DIR"] = data_dir_text
     previous_sigterm = _raise_on_sigterm()
     try:
         with federation:
             started = time.monotonic()
             federation.start_superlink(simulation=True)
-            app_dir = write_app(workdir / "app", cfg, deploy_section, output_dir=str(out), data_dir=data_dir_text)
+            # Simulated edges get Flower's node config ({"partition-id": k, "num-partitions": N}), without
+            # a data dir: they share this machine's, passed in the run config.
+            app_dir = write_app(workdir / "app", cfg, deploy_section, output_dir=str(out), data_dir=data_dir_text,
+                                edge_data_dir=data_dir_text)
             run_id = submit_run(federation.flwr, app_dir, federation_config={
                 "num-supernodes": cfg["data"]["num_edges"], "client-resources-num-cpus": cpus_per_edge,
                 "client-resources-num-gpus": 0.0})

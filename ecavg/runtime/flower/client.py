@@ -3,7 +3,8 @@
 Each SuperNode is one edge. Its node config says where the edge's data is:
 
 * ``partition-id`` (required): the edge's index k; the edge is called ``edge-k``.
-* ``data-dir``: the directory holding ``<dataset>/`` folders (as ``ecavg run --data-dir``).
+* ``data-dir``: the directory holding ``<dataset>/`` folders (as ``ecavg run --data-dir``); without it, the
+  run config's ``edge-data-dir`` (set by the simulation runtime), else ``$ECAVG_DATA_DIR`` or ``./data``.
 * ``dataset``: a dataset of the edge's own (e.g. ``imagefolder:/data/site3``, with ``train/`` and ``test/``);
   without it the edge takes partition k of the run's dataset, built exactly as ``ecavg run`` builds it
   (:func:`ecavg.experiment.build_edges_and_server`), so that both runtimes compute the same numbers.
@@ -98,7 +99,7 @@ def build_local_edge(run_config: dict[str, Any], node_config: dict[str, Any], sp
     if cfg["threads"] > 0:
         torch.set_num_threads(cfg["threads"])
     device = resolve_device(str(node_config.get("device") or cfg["device"]))
-    data_dir = str(node_config.get("data-dir") or "") or None
+    data_dir = str(node_config.get("data-dir") or run_config.get("edge-data-dir") or "") or None
     own_dataset = str(node_config.get("dataset") or "")
     server_spec, server_classes = wire.spec_from_json(spec_json)
     if not own_dataset:
