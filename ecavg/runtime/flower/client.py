@@ -119,7 +119,8 @@ def build_local_edge(run_config: dict[str, Any], node_config: dict[str, Any], sp
     else:
         splits = load_dataset(own_dataset, data_dir)
         if list(splits.train.classes) != server_classes:
-            raise EdgeSetupError(f"edge-{k}: its dataset {own_dataset} has classes {splits.train.classes}, the server's "
+            raise EdgeSetupError(f"edge-{k}: its dataset {own_dataset} has classes {splits.train.classes}, "
+                                 f"the server's "
                                  f"has {server_classes}; an edge's classes must be the server's, in the same order")
         if tuple(splits.train.images.shape[1:]) != wire.image_shape_of(server_spec):
             raise EdgeSetupError(f"edge-{k}: its images are {tuple(splits.train.images.shape[1:])}, the run's are "
@@ -173,7 +174,8 @@ def hello(message: Message, context: Context) -> Message:
 @client_app.query("data")
 def data(message: Message, context: Context) -> Message:
     edge = _local_edge(message, context)
-    log.info("%s: uploading %d training samples (deploy.share_data = full)", edge.worker.name, len(edge.worker.train_data))
+    log.info("%s: uploading %d training samples (deploy.share_data = full)", edge.worker.name,
+             len(edge.worker.train_data))
     return Message(RecordDict({wire.TRAIN_DATA: _data_record(edge)}), reply_to=message)
 
 

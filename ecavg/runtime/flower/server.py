@@ -27,7 +27,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from ecavg.config import resolve_config
 from ecavg.core.checkpoint import PhaseStore, write_text_atomic
-from ecavg.core.participants import DataSpec, ServerWorker, StateDict, resolve_device
+from ecavg.core.participants import DataSpec, ServerWorker, resolve_device
 from ecavg.core.protocol import EdgeEvaluation, EdgePool, EdgeReply, RunContext, run_strategy
 from ecavg.core.serialization import encode_state_dict
 from ecavg.data import ImageDataset, load_dataset
@@ -344,7 +344,8 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], *, log_to_output: bool
     ``ecavg-deploy``, ``output-dir``, ``data-dir``).
     """
     cfg = resolve_config(json.loads(str(run_config["ecavg-config"])))
-    settings = deploy_settings(json.loads(str(run_config.get("ecavg-deploy", "{}"))), num_edges=cfg["data"]["num_edges"])
+    settings = deploy_settings(json.loads(str(run_config.get("ecavg-deploy", "{}"))),
+                               num_edges=cfg["data"]["num_edges"])
     note = check_data_policy(cfg, settings)
     data_dir = str(run_config.get("data-dir", "")) or None
     out = Path(str(run_config["output-dir"]))

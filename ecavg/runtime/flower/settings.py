@@ -67,14 +67,17 @@ def deploy_settings(section: Mapping[str, Any] | None, *, num_edges: int | None 
     unknown = sorted(set(section) - set(DEPLOY_DEFAULTS))
     if unknown:
         raise ConfigError(
-            f"unknown config key '{SECTION}.{unknown[0]}' (known keys in [{SECTION}]: {', '.join(sorted(DEPLOY_DEFAULTS))})"
+            f"unknown config key '{SECTION}.{unknown[0]}' "
+            f"(known keys in [{SECTION}]: {', '.join(sorted(DEPLOY_DEFAULTS))})"
         )
     values = {**DEPLOY_DEFAULTS, **section}
     share = values["share_data"]
     if share not in SHARE_DATA_POLICIES:
-        raise ConfigError(f"config key '{SECTION}.share_data' must be one of {', '.join(SHARE_DATA_POLICIES)}, got {share!r}")
+        raise ConfigError(f"config key '{SECTION}.share_data' must be one of {', '.join(SHARE_DATA_POLICIES)}, "
+                          f"got {share!r}")
     if not isinstance(values["server_data"], str):
-        raise ConfigError(f"config key '{SECTION}.server_data' must be a string (a dataset name or imagefolder:<path>), "
+        raise ConfigError(f"config key '{SECTION}.server_data' must be a string "
+                          f"(a dataset name or imagefolder:<path>), "
                           f"got {values['server_data']!r}")
     if values["server_data"] and share != "none":
         raise ConfigError(f"'{SECTION}.server_data' is only used with {SECTION}.share_data = \"none\" "

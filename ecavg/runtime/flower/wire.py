@@ -86,7 +86,8 @@ def payload_bytes(content: RecordDict, key: str, *, source: str, max_bytes: int 
     if not isinstance(record, ArrayRecord):
         raise EdgeReplyError(f"{source}: '{key}' is a {type(record).__name__}, expected an ArrayRecord")
     if set(record.keys()) != {PAYLOAD_KEY}:
-        raise EdgeReplyError(f"{source}: '{key}' must hold exactly one array '{PAYLOAD_KEY}', got {sorted(record.keys())}")
+        raise EdgeReplyError(f"{source}: '{key}' must hold exactly one array '{PAYLOAD_KEY}', "
+                             f"got {sorted(record.keys())}")
     array = record[PAYLOAD_KEY]
     if array.stype != PAYLOAD_STYPE or array.dtype != PAYLOAD_DTYPE:
         # Anything else (e.g. numpy's .npy serialisation) is refused rather than interpreted.
@@ -153,7 +154,8 @@ def decode_train_data(content: RecordDict, *, source: str, image_shape: tuple[in
                              f"but the run has {num_classes} classes")
     if index is not None:
         if index.dtype != torch.int64 or tuple(index.shape) != (n,):
-            raise EdgeReplyError(f"{source}: training index must be int64 [{n}], got {index.dtype} {tuple(index.shape)}")
+            raise EdgeReplyError(f"{source}: training index must be int64 [{n}], "
+                                 f"got {index.dtype} {tuple(index.shape)}")
         if n and int(index.min()) < 0:
             raise EdgeReplyError(f"{source}: training index holds negative positions")
     return TrainData(images, labels, index), len(payload)
