@@ -215,9 +215,18 @@ def _check_consistency(cfg: dict[str, Any]) -> None:
 
 def resolve_config(user: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Defaults overlaid with ``user``; every key and value checked. Returns a new dict."""
+    user = dict(user or {})
+    deploy = user.pop("deploy", None)
     cfg = copy.deepcopy(DEFAULTS)
-    _merge(cfg, user or {}, CHECKS)
+    _merge(cfg, user, CHECKS)
     _check_consistency(cfg)
+    # [deploy] (used by Flower deployments only) is checked where it is defined; imported here, not at the top,
+    # because that module imports this one.
+    from ecavg.runtime.flower.settings import deploy_settings
+
+    if deploy is not None and not isinstance(deploy, Mapping):
+        raise ConfigError(f"config key 'deploy' must be a table ([deploy]), got {deploy!r}")
+    cfg["deploy"] = deploy_settings(deploy, num_edges=cfg["data"]["num_edges"]).to_dict()
     return cfg
 
 

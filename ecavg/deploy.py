@@ -518,16 +518,16 @@ def save_run_log(run_cli: Callable[..., subprocess.CompletedProcess], run_id: in
 
 def prepare_config(user: Mapping[str, Any], *, edges: int | None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(resolved experiment config, checked [deploy] table) from a raw config."""
-    from ecavg.runtime.flower.settings import check_data_policy, deploy_settings, split_deploy_section
+    from ecavg.runtime.flower.settings import check_data_policy, deploy_settings
 
-    rest, section = split_deploy_section(user)
+    rest = dict(user)
     if edges is not None:
         if edges < 1:
             raise ConfigError(f"--edges must be >= 1, got {edges}")
         rest.setdefault("data", {})
         rest["data"] = {**rest["data"], "num_edges": edges}
     cfg = resolve_config(rest)
-    settings = deploy_settings(section, num_edges=cfg["data"]["num_edges"])
+    settings = deploy_settings(cfg["deploy"], num_edges=cfg["data"]["num_edges"])
     check_data_policy(cfg, settings)
     return cfg, settings.to_dict()
 

@@ -25,7 +25,7 @@ from ecavg.core.serialization import encode_state_dict  # noqa: E402
 from ecavg.deploy import DeployError, deploy_local  # noqa: E402
 from ecavg.experiment import run_experiment  # noqa: E402
 from ecavg.runtime.flower import wire  # noqa: E402
-from ecavg.runtime.flower.settings import check_data_policy, deploy_settings, split_deploy_section  # noqa: E402
+from ecavg.runtime.flower.settings import check_data_policy, deploy_settings  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 QUICKSTART = REPO / "configs" / "quickstart.toml"
@@ -278,8 +278,11 @@ def test_deploy_settings_are_checked():
         deploy_settings({"round_timeout_s": 0})
     with pytest.raises(ConfigError, match="only used with deploy.share_data = \"none\""):
         deploy_settings({"server_data": "mnist"})
-    rest, section = split_deploy_section({"seed": 1, "deploy": {"min_edges": 1}})
-    assert rest == {"seed": 1} and section == {"min_edges": 1}
+    # resolve_config checks the section and keeps it, with defaults, in the resolved config.
+    assert resolve_config({"deploy": {"min_edges": 1}})["deploy"]["min_edges"] == 1
+    assert resolve_config({})["deploy"]["share_data"] == "full"
+    with pytest.raises(ConfigError, match="deploy.min_edges"):
+        resolve_config({"deploy": {"min_edges": 3}})
     none = deploy_settings({"share_data": "none"})
     assert "one-shot FedAvg" in check_data_policy(resolve_config({}), none)
     with pytest.raises(ConfigError, match='init = "warmup" trains on the server'):

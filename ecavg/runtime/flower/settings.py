@@ -1,13 +1,12 @@
 """The ``[deploy]`` section of an experiment config: how a Flower deployment runs the protocol.
 
 These keys only matter when the edges are separate processes (``ecavg deploy ...``); the embedded runtime
-ignores them. Until ``ecavg.config`` knows the section, it is split off the raw config here and checked
-by :func:`deploy_settings`, with errors naming the key as ``ecavg.config`` does.
+ignores them. ``ecavg.config.resolve_config`` checks the section with :func:`deploy_settings` (errors name
+the key as for every other section) and keeps the checked values in ``cfg["deploy"]``.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
@@ -96,15 +95,6 @@ def deploy_settings(section: Mapping[str, Any] | None, *, num_edges: int | None 
         connect_timeout_s=_positive_number("connect_timeout_s", values["connect_timeout_s"]),
         max_message_mb=_positive_number("max_message_mb", values["max_message_mb"]),
     )
-
-
-def split_deploy_section(user: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(config without [deploy], the raw [deploy] table): ``resolve_config`` does not know the section yet."""
-    rest = copy.deepcopy(dict(user))
-    section = rest.pop(SECTION, {}) or {}
-    if not isinstance(section, Mapping):
-        raise ConfigError(f"config key '{SECTION}' must be a table ([{SECTION}]), got {section!r}")
-    return rest, dict(section)
 
 
 def server_training_needs_edge_data(cfg: Mapping[str, Any]) -> bool:
