@@ -33,15 +33,25 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from ecavg.report import results_table
 
     if args.resume is not None:
-        if args.config is not None or args.overrides:
-            raise _UsageError("--resume continues a run with the config it started with; drop --config/--set")
+        if args.config is not None or args.overrides or args.runtime != "embedded":
+            raise _UsageError("--resume continues an embedded run with the config it started with; "
+                              "drop --config/--set/--runtime")
         results = run_experiment(data_dir=args.data_dir, resume=args.resume)
     else:
         if args.config is None:
             raise _UsageError("give --config FILE (e.g. configs/quickstart.toml) or --resume DIR")
         user = apply_overrides(load_toml(args.config), args.overrides)
         user.setdefault("name", args.config.stem)
-        results = run_experiment(user, data_dir=args.data_dir, output_dir=args.output)
+        if args.runtime == "flower-sim":
+            from ecavg.deploy import DeployError, deploy_simulation
+
+            try:
+                results = deploy_simulation(user, data_dir=args.data_dir, output_dir=args.output)
+            except DeployError as e:
+                print(f"ecavg: error: {e}", file=sys.stderr)
+                return 1
+        else:
+            results = run_experiment(user, data_dir=args.data_dir, output_dir=args.output)
     print(results_table(results))
     print(f"Results written to {results['output_dir']}/ (results.json, results.md, accuracy.png, metrics.jsonl)")
     return 0
@@ -128,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run one experiment in this process (all edges simulated)")
     _add_run_arguments(run)
     run.add_argument("--resume", type=Path, metavar="DIR", help="continue an interrupted run in DIR")
+    run.add_argument("--runtime", choices=("embedded", "flower-sim"), default="embedded",
+                     help="embedded: all edges in this process (default); flower-sim: Flower's Ray simulation "
+                          "runtime, the deployment's code path (same as `ecavg deploy sim`; needs flwr[simulation])")
     run.set_defaults(func=_cmd_run)
 
     sweep = sub.add_parser("sweep", help="run a grid of experiments and tabulate them (re-run to continue)")
