@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torchvision
 from torch import nn
 
 __all__ = [
@@ -211,10 +210,18 @@ def _build_resnet(
     return model
 
 
+def _tv_models():
+    """torchvision.models, imported on first use: the import costs seconds per process (every Flower ClientApp
+    process pays it), and the MLP and CNN do not need it."""
+    import torchvision.models
+
+    return torchvision.models
+
+
 def _build_mobilenet_v2(name: str, num_classes: int, in_channels: int, options: Mapping[str, Any]) -> nn.Module:
     opts = _check_option_keys(name, options, {"cifar_stem": False, "width_mult": 1.0, "dropout": 0.2})
     cifar_stem = _boolean(name, "cifar_stem", opts["cifar_stem"])
-    model = torchvision.models.mobilenet_v2(
+    model = _tv_models().mobilenet_v2(
         weights=None,
         num_classes=num_classes,
         width_mult=_positive_float(name, "width_mult", opts["width_mult"]),
@@ -237,7 +244,7 @@ def _build_torchvision(name: str, num_classes: int, in_channels: int, options: M
                 "num_classes comes from the dataset); load local weights with load_pretrained instead"
             )
     try:
-        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **options)
+        model = _tv_models().get_model(name, weights=None, num_classes=num_classes, **options)
     except TypeError as err:
         # torchvision builders take **kwargs, so a bad option only shows up as a TypeError from the constructor.
         raise ModelError(f"torchvision model {name!r} rejected options {dict(options)!r}: {err}") from err
@@ -248,7 +255,7 @@ def _build_torchvision(name: str, num_classes: int, in_channels: int, options: M
 
 
 def _torchvision_classification_models() -> list[str]:
-    return list(torchvision.models.list_models(module=torchvision.models))
+    return list(_tv_models().list_models(module=_tv_models()))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -303,9 +310,9 @@ def build_model(
         opts = _check_option_keys(name, options, {"width": 32})
         return SmallCNN(in_channels, num_classes, width=_positive_int(name, "width", opts["width"]))
     if name == "resnet18":
-        return _build_resnet(name, torchvision.models.resnet18, num_classes, in_channels, options)
+        return _build_resnet(name, _tv_models().resnet18, num_classes, in_channels, options)
     if name == "resnet50":
-        return _build_resnet(name, torchvision.models.resnet50, num_classes, in_channels, options)
+        return _build_resnet(name, _tv_models().resnet50, num_classes, in_channels, options)
     if name == "mobilenet_v2":
         return _build_mobilenet_v2(name, num_classes, in_channels, options)
 
