@@ -222,7 +222,7 @@ def resolve_config(user: Mapping[str, Any] | None = None) -> dict[str, Any]:
     _check_consistency(cfg)
     # [deploy] (used by Flower deployments only) is checked where it is defined; imported here, not at the top,
     # because that module imports this one.
-    from ecavg.runtime.flower.settings import deploy_settings
+    from ecavg.runtime.deploy_settings import deploy_settings
 
     if deploy is not None and not isinstance(deploy, Mapping):
         raise ConfigError(f"config key 'deploy' must be a table ([deploy]), got {deploy!r}")

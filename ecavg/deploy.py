@@ -518,7 +518,7 @@ def save_run_log(run_cli: Callable[..., subprocess.CompletedProcess], run_id: in
 
 def prepare_config(user: Mapping[str, Any], *, edges: int | None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(resolved experiment config, checked [deploy] table) from a raw config."""
-    from ecavg.runtime.flower.settings import check_data_policy, deploy_settings
+    from ecavg.runtime.deploy_settings import check_data_policy, deploy_settings
 
     rest = dict(user)
     if edges is not None:

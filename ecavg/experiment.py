@@ -20,7 +20,7 @@ from ecavg.core.participants import DataSpec, EdgeWorker, ModelFactory, ServerWo
 from ecavg.core.protocol import RunContext, run_strategy
 from ecavg.core.training import TrainingSettings
 from ecavg.data import DatasetSplits, ImageDataset, load_dataset, partition_indices, partition_test_like
-from ecavg.report import SCHEMA_VERSION, write_outputs
+from ecavg.report import build_results, write_outputs
 from ecavg.runtime.embedded import EmbeddedEdgePool
 
 log = logging.getLogger("ecavg")
@@ -144,19 +144,7 @@ def run_experiment(
     log.info("%s: %s, %d edges, %s on %s, output %s", cfg["strategy"], cfg["data"]["dataset"],
              cfg["data"]["num_edges"], cfg["model"]["name"], device, out)
     outcome = run_strategy(ctx)
-    results: dict[str, Any] = {
-        "schema": SCHEMA_VERSION,
-        "strategy": cfg["strategy"],
-        "dataset": cfg["data"]["dataset"],
-        "model": cfg["model"]["name"],
-        "partition": cfg["data"]["partition"],
-        "num_edges": cfg["data"]["num_edges"],
-        **outcome.results,
-        "runtime": "embedded",
-        "device": str(device),
-        "data_load_s": round(load_s, 3),
-        "config": cfg,
-    }
+    results = build_results(cfg, outcome, runtime="embedded", device=str(device), data_load_s=load_s)
     write_outputs(out, results, outcome)
     results["output_dir"] = str(out)
     return results

@@ -15,6 +15,25 @@ from ecavg.core.serialization import save_state_dict
 SCHEMA_VERSION = 1
 
 
+def build_results(cfg: Mapping[str, Any], outcome: Outcome, *, runtime: str, device: str, data_load_s: float,
+                  **extra: Any) -> dict[str, Any]:
+    """The results.json document of one run (the contract in the README), whatever runtime made it."""
+    return {
+        "schema": SCHEMA_VERSION,
+        "strategy": cfg["strategy"],
+        "dataset": cfg["data"]["dataset"],
+        "model": cfg["model"]["name"],
+        "partition": cfg["data"]["partition"],
+        "num_edges": cfg["data"]["num_edges"],
+        **outcome.results,
+        "runtime": runtime,
+        "device": device,
+        "data_load_s": round(data_load_s, 3),
+        **extra,
+        "config": cfg,
+    }
+
+
 def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.2f}%"
 

@@ -100,3 +100,15 @@ def test_missing_and_invalid_toml(tmp_path):
     bad.write_text("strategy = \n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_toml(bad)
+
+
+def test_config_and_embedded_runtime_do_not_need_flower():
+    # `make run` installs ecavg without the flower extra: nothing on that path may import flwr.
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['flwr'] = None\n"
+            "from ecavg.config import resolve_config; import ecavg.experiment, ecavg.cli\n"
+            "assert resolve_config({'deploy': {'min_edges': 1}})['deploy']['min_edges'] == 1\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr

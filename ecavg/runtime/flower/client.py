@@ -34,7 +34,7 @@ from ecavg.core.training import TrainingSettings
 from ecavg.data import ImageDataset, load_dataset, partition_indices
 from ecavg.experiment import _train_subset, build_edges_and_server
 from ecavg.runtime.flower import wire
-from ecavg.runtime.flower.settings import deploy_settings
+from ecavg.runtime.deploy_settings import deploy_settings
 
 log = logging.getLogger("ecavg")
 

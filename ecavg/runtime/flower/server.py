@@ -32,9 +32,9 @@ from ecavg.core.protocol import EdgeEvaluation, EdgePool, EdgeReply, RunContext,
 from ecavg.core.serialization import encode_state_dict
 from ecavg.data import ImageDataset, load_dataset
 from ecavg.experiment import _prepare_output, build_edges_and_server
-from ecavg.report import SCHEMA_VERSION, write_outputs
+from ecavg.report import build_results, write_outputs
 from ecavg.runtime.flower import wire
-from ecavg.runtime.flower.settings import (
+from ecavg.runtime.deploy_settings import (
     DeploySettings,
     check_data_policy,
     deploy_settings,
@@ -406,27 +406,17 @@ def _serve(grid: Grid, cfg: dict[str, Any], settings: DeploySettings, note: str 
         }, indent=2) + "\n")
         log.error("run failed: %s", error)
         raise
-    results: dict[str, Any] = {
-        "schema": SCHEMA_VERSION,
-        "strategy": cfg["strategy"],
-        "dataset": cfg["data"]["dataset"],
-        "model": cfg["model"]["name"],
-        "partition": cfg["data"]["partition"],
-        "num_edges": cfg["data"]["num_edges"],
-        **outcome.results,
-        "runtime": "flower",
-        "device": str(device),
-        "data_load_s": round(load_s, 3),
-        "missing_edges": dict(pool.missing),
-        "deploy": {
+    results = build_results(
+        cfg, outcome, runtime="flower", device=str(device), data_load_s=load_s,
+        missing_edges=dict(pool.missing),
+        deploy={
             **settings.to_dict(),
             "edge_data": dict(pool.modes),
             "data_bytes_up": pool.data_bytes_up,
             "phase_wall_s": {k: round(v, 3) for k, v in pool.phase_seconds.items()},
             **({"note": note} if note else {}),
         },
-        "config": cfg,
-    }
+    )
     write_outputs(out, results, outcome)
     log.info("results written to %s", out)
     results["output_dir"] = str(out)
