@@ -42,6 +42,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
             raise _UsageError("give --config FILE (e.g. configs/quickstart.toml) or --resume DIR")
         user = apply_overrides(load_toml(args.config), args.overrides)
         user.setdefault("name", args.config.stem)
+        if args.output is None:
+            # Fixed here so that an interruption can name the directory to resume.
+            from ecavg.config import resolve_config
+            from ecavg.experiment import default_output_dir
+
+            args.output = default_output_dir(resolve_config(user))
         if args.runtime == "flower-sim":
             from ecavg.deploy import DeployError, deploy_simulation
 
@@ -200,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ecavg: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        where = getattr(args, "output", None) or "the output directory"
+        where = getattr(args, "resume", None) or getattr(args, "output", None) or "<output directory>"
         print(f"\necavg: interrupted; finished phases are kept, continue with `ecavg run --resume {where}`",
               file=sys.stderr)
         return 130
