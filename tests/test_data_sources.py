@@ -427,19 +427,11 @@ def test_image_dataset_validation_and_subset():
 # ------------------------------------------------------------------ the real data (integration)
 
 
-def shared_datasets() -> Path | None:
-    candidates = [os.environ.get("ECAVG_SHARED_DATA"), REPO_ROOT.parent / "shared" / "datasets"]
-    for candidate in candidates:
-        if candidate and Path(candidate).is_dir():
-            return Path(candidate)
-    return None
-
-
 @pytest.mark.integration
-def test_real_cifar10_jpeg_zip_loads_in_standard_order():
-    root = shared_datasets()
-    if root is None or not (root / "cifar10").is_dir():
-        pytest.skip("shared datasets not found (set ECAVG_SHARED_DATA or provide ../shared/datasets)")
+def test_real_cifar10_jpeg_zip_loads_in_standard_order(shared_datasets):
+    root = shared_datasets
+    if not (root / "cifar10").is_dir():
+        pytest.skip("no cifar10/ in the shared datasets")
     splits = load_dataset("cifar10", root)
     assert splits.train.images.shape == (50000, 3, 32, 32) and splits.test.images.shape == (10000, 3, 32, 32)
     assert splits.train.classes == list(sources._CIFAR10_CLASSES)
