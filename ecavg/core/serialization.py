@@ -142,8 +142,15 @@ def _validate_tensors(
                 raise WeightsError(
                     f"weights from {source}: tensor {key!r} has dtype {tensor.dtype}, expected {expected.dtype}"
                 )
-    for key, tensor in tensors.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    # torch.aminmax is one bandwidth-bound read per tensor, where isfinite().all() writes and rereads a bool
+    # mask (ResNet50: 5 ms against 38 ms, bench/ transfer section). min and max propagate NaN and show +-Inf, so
+    # both extremes are finite exactly when every element is; one host synchronisation for all tensors.
+    floating = [(key, t) for key, t in tensors.items() if t.is_floating_point() and t.numel() > 0]
+    if floating:
+        extremes = torch.stack([value.float() for _, t in floating for value in torch.aminmax(t)])
+        finite = torch.isfinite(extremes).view(-1, 2).all(dim=1)
+        if not bool(finite.all()):
+            key = floating[int((~finite).nonzero()[0, 0])][0]
             raise WeightsError(f"weights from {source}: tensor {key!r} contains NaN or Inf values")
 
 

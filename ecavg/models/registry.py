@@ -309,20 +309,29 @@ def build_model(
     if name == "cnn":
         opts = _check_option_keys(name, options, {"width": 32})
         return SmallCNN(in_channels, num_classes, width=_positive_int(name, "width", opts["width"]))
+    # Torchvision networks on small images end at 2x2 / 1x1 maps, where CPU convolution backward is very slow;
+    # SmallMapConv2d computes those layers another way (same parameters and state-dict keys).
     if name == "resnet18":
-        return _build_resnet(name, _tv_models().resnet18, num_classes, in_channels, options)
+        return _small_maps(_build_resnet(name, _tv_models().resnet18, num_classes, in_channels, options))
     if name == "resnet50":
-        return _build_resnet(name, _tv_models().resnet50, num_classes, in_channels, options)
+        return _small_maps(_build_resnet(name, _tv_models().resnet50, num_classes, in_channels, options))
     if name == "mobilenet_v2":
-        return _build_mobilenet_v2(name, num_classes, in_channels, options)
+        return _small_maps(_build_mobilenet_v2(name, num_classes, in_channels, options))
 
     torchvision_names = _torchvision_classification_models()
     if name in torchvision_names:
-        return _build_torchvision(name, num_classes, in_channels, options)
+        return _small_maps(_build_torchvision(name, num_classes, in_channels, options))
 
     close = difflib.get_close_matches(name, list(dict.fromkeys([*_OWN_MODELS, *torchvision_names])), n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     raise ModelError(f"unknown model {name!r}; available: {', '.join(_OWN_MODELS)}, or {_TORCHVISION_NOTE}.{hint}")
+
+
+def _small_maps(model: nn.Module) -> nn.Module:
+    from ecavg.models.small_map import use_small_map_convs
+
+    use_small_map_convs(model)
+    return model
 
 
 def uses_channels_last(model: nn.Module) -> bool:
