@@ -51,6 +51,9 @@ def machine_info() -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        # Threading settings change CPU results a lot on a shared machine; record the ones in force.
+        "env": {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                                           "GOMP_SPINCOUNT", "MALLOC_MMAP_THRESHOLD_") if k in os.environ},
     }
 
 

@@ -6,13 +6,16 @@ Parts, all in one process so their times compare:
   init and label smoothing as ours), 5 edge epochs then 5 server epochs;
 * ``ours``: ``run_experiment`` with the same 5 + 5 configuration;
 * ``fast``: ``run_experiment`` with ``configs/perf/cifar10_mobilenetv2_fast.toml``, tuned to reach the paper's
-  81.16% after-update edge accuracy quickly.
+  81.16% after-update edge accuracy quickly;
+* ``ours``/``fast`` run with plain ``nn.Conv2d``; ``ours+smallmap``, ``fast+smallmap`` with ``SmallMapConv2d``,
+  which ecavg ships since this benchmark measured it (``ecavg/models/small_map.py``).
 
 Edges and server evaluate only at the end of their phases in all three (no per-epoch evaluation), as ECAvg needs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import tempfile
@@ -91,6 +94,7 @@ def plain_ecavg(config: Mapping[str, Any] = BASELINE_CONFIG, *, data_dir: Path =
 
     from ecavg.models import build_model, uses_channels_last
     from bench.plain import extract_imagefolder
+    from bench.proposals import use_plain_convs
 
     cfg = config
     seed = cfg["seed"]
@@ -104,12 +108,15 @@ def plain_ecavg(config: Mapping[str, Any] = BASELINE_CONFIG, *, data_dir: Path =
     test_set = torchvision.datasets.ImageFolder(str(tree / "test"), transform=T.Compose(normalize))
     num_edges = cfg["data"]["num_edges"]
     g = torch.Generator().manual_seed(seed)
-    train_parts = torch.randperm(len(train_set), generator=g).chunk(num_edges)
+    fraction = cfg["data"].get("train_fraction", 1.0)  # < 1 only for smoke runs
+    train_order = torch.randperm(len(train_set), generator=g)[: max(num_edges, int(len(train_set) * fraction))]
+    train_parts = train_order.chunk(num_edges)
     test_parts = torch.randperm(len(test_set), generator=g).chunk(num_edges)
 
     def new_model(model_seed: int) -> tuple[nn.Module, bool]:
         torch.manual_seed(model_seed)
         model = build_model(cfg["model"]["name"], num_classes=len(train_set.classes), in_channels=3, image_size=32)
+        use_plain_convs(model)  # the usual way: torchvision's convolutions
         channels_last = uses_channels_last(model)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -143,7 +150,7 @@ def plain_ecavg(config: Mapping[str, Any] = BASELINE_CONFIG, *, data_dir: Path =
     accuracy_averaged = _plain_accuracy(server, test_set, channels_last=channels_last)
     timing["aggregate"] = time.perf_counter() - phase
     phase = time.perf_counter()
-    _plain_train(server, train_set, epochs=cfg["server"]["epochs"], batch_size=cfg["server"]["batch_size"],
+    _plain_train(server, Subset(train_set, train_order.tolist()), epochs=cfg["server"]["epochs"], batch_size=cfg["server"]["batch_size"],
                  lr=cfg["server"]["lr"], label_smoothing=cfg["server"]["label_smoothing"],
                  channels_last=channels_last, seed=seed + 100)
     accuracy_server = _plain_accuracy(server, test_set, channels_last=channels_last)
@@ -184,6 +191,28 @@ def ours_ecavg(config: Mapping[str, Any], *, data_dir: Path = DEFAULT_DATA_DIR) 
     }
 
 
+@contextlib.contextmanager
+def small_map_convs(enabled: bool):
+    """Within the block, every model ModelFactory builds uses SmallMapConv2d (as ecavg now ships) or, when not
+    ``enabled``, plain nn.Conv2d (as before it shipped), so that both can be timed in one process."""
+    from ecavg.core.participants import ModelFactory
+
+    from bench.proposals import use_plain_convs, use_small_map_convs
+
+    shipped = ModelFactory.build
+
+    def build(self, *args: Any, **kwargs: Any):
+        model = shipped(self, *args, **kwargs)
+        (use_small_map_convs if enabled else use_plain_convs)(model)
+        return model
+
+    ModelFactory.build = build
+    try:
+        yield
+    finally:
+        ModelFactory.build = shipped
+
+
 def load_toml(path: Path) -> dict[str, Any]:
     try:
         import tomllib
@@ -197,45 +226,53 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values)
 
 
-def run(parts: Sequence[str] = ("plain", "ours", "fast"), *, data_dir: Path = DEFAULT_DATA_DIR,
+PARTS = ("plain", "ours", "ours+smallmap", "fast", "fast+smallmap")
+DEFAULT_PARTS = ("fast+smallmap", "plain", "ours", "ours+smallmap")
+
+
+def run(parts: Sequence[str] = DEFAULT_PARTS, *, data_dir: Path = DEFAULT_DATA_DIR,
         cache_dir: Path = DEFAULT_CACHE_DIR, fast_config: Path = FAST_CONFIG,
-        on_part: Any = None) -> dict[str, Any]:
+        baseline_config: Mapping[str, Any] = BASELINE_CONFIG, on_part: Any = None) -> dict[str, Any]:
     """Run the parts in order; ``on_part(results_so_far)`` is called after each, so a long run saves as it goes."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    out: dict[str, Any] = {"paper_after_update": PAPER_AFTER_UPDATE, "baseline_config": BASELINE_CONFIG}
+    out: dict[str, Any] = {"paper_after_update": PAPER_AFTER_UPDATE, "baseline_config": dict(baseline_config)}
     for part in parts:
         log.info("e2e part %s starting (load average %.2f)", part, load_average())
         if part == "plain":
-            out["plain"] = plain_ecavg(BASELINE_CONFIG, data_dir=data_dir, cache_dir=cache_dir)
-        elif part == "ours":
-            out["ours"] = ours_ecavg(BASELINE_CONFIG, data_dir=data_dir)
-        elif part == "fast":
+            out["plain"] = plain_ecavg(baseline_config, data_dir=data_dir, cache_dir=cache_dir)
+        elif part in ("ours", "ours+smallmap"):
+            with small_map_convs(part.endswith("+smallmap")):
+                out[part] = ours_ecavg(baseline_config, data_dir=data_dir)
+        elif part in ("fast", "fast+smallmap"):
             config = load_toml(fast_config)
-            fast = ours_ecavg(config, data_dir=data_dir)
+            with small_map_convs(part.endswith("+smallmap")):
+                fast = ours_ecavg(config, data_dir=data_dir)
             fast["config_file"] = str(fast_config.relative_to(REPO_ROOT))
             after = _mean(fast["edges_accuracy_after"])
             fast["reached_paper_after_update"] = after >= PAPER_AFTER_UPDATE
             # After-update accuracy exists only once the run ends, so the time to reach it is the run's total.
             fast["seconds_to_after_update"] = fast["timing_s"]["total"]
-            out["fast"] = fast
+            out[part] = fast
         else:
-            raise ValueError(f"unknown e2e part {part!r}; parts are plain, ours, fast")
+            raise ValueError(f"unknown e2e part {part!r}; parts are {', '.join(PARTS)}")
         log.info("e2e part %s done: %s", part, json.dumps({k: v for k, v in out[part].items() if k != "metrics"})[:800])
         if on_part is not None:
             on_part(out)
     rows = []
-    for part in ("plain", "ours", "fast"):
+    for part in PARTS:
         if part in out:
             r = out[part]
             rows.append([part, r["timing_s"]["total"], _mean(r["edges_accuracy_before"]), r["accuracy_averaged"],
                          r["accuracy_server_finetuned"], _mean(r["edges_accuracy_after"])])
-    if "plain" in out and "ours" in out:
-        out["ours_speedup_over_plain"] = out["plain"]["timing_s"]["total"] / out["ours"]["timing_s"]["total"]
-        out["ours_minus_plain_after_update"] = (_mean(out["ours"]["edges_accuracy_after"])
-                                                - _mean(out["plain"]["edges_accuracy_after"]))
+    for part in ("ours", "ours+smallmap"):
+        if "plain" in out and part in out:
+            out[f"{part}_speedup_over_plain"] = out["plain"]["timing_s"]["total"] / out[part]["timing_s"]["total"]
+            out[f"{part}_minus_plain_after_update"] = (_mean(out[part]["edges_accuracy_after"])
+                                                       - _mean(out["plain"]["edges_accuracy_after"]))
     print_table("End to end: ECAvg CIFAR-10 MobileNetV2, 2 IID edges (seconds; accuracies as fractions)",
                 ["run", "seconds", "edges before", "averaged", "server", "edges after"], rows)
-    if "ours_speedup_over_plain" in out:
-        print(f"5+5: ours {out['ours_speedup_over_plain']:.2f}x faster than plain, after-update accuracy "
-              f"{out['ours_minus_plain_after_update']:+.4f}")
+    for part in ("ours", "ours+smallmap"):
+        if f"{part}_speedup_over_plain" in out:
+            print(f"5+5: {part} {out[f'{part}_speedup_over_plain']:.2f}x faster than plain, after-update accuracy "
+                  f"{out[f'{part}_minus_plain_after_update']:+.4f}")
     return out

@@ -1,6 +1,7 @@
 """Drop-in replacements for hot spots in ``ecavg.core``, measured by the benchmarks against the shipped code.
 
-Each has a patch in ``bench/patches/`` that puts it in place; the benchmarks time both in the same process.
+The benchmarks time each against the shipped code in the same process. Two proposals measured here now ship:
+the aminmax finiteness check (in ``ecavg.core.serialization``) and ``SmallMapConv2d`` (``ecavg.models.small_map``).
 
 * :func:`all_finite_aminmax` for the NaN/Inf check in ``ecavg.core.serialization._validate_tensors``:
   ``torch.isfinite(t).all()`` writes a bool mask per tensor and then reads it back, while ``torch.aminmax`` is
@@ -88,3 +89,31 @@ def encode_direct(prepared: Mapping[str, Tensor], metadata: Mapping[str, str] | 
                 data[position : position + nbytes].copy_(tensor.reshape(-1).view(torch.uint8))
             position += nbytes
     return bytes(buffer)
+
+
+# -------------------------------------------------------------------------------------------------
+# Convolutions on tiny feature maps
+# -------------------------------------------------------------------------------------------------
+
+
+# SmallMapConv2d was proposed here and now ships in ecavg (ecavg/models/small_map.py; every conv net that
+# build_model makes uses it). The benchmarks compare against plain nn.Conv2d models with use_plain_convs.
+from ecavg.models.small_map import SmallMapConv2d, use_small_map_convs  # noqa: E402,F401
+
+
+def use_plain_convs(model: torch.nn.Module) -> int:
+    """Swap every SmallMapConv2d of ``model`` back to a plain ``nn.Conv2d`` (parameters shared); returns how many.
+
+    What a model built the usual way (torchvision, no ecavg) runs: the baseline of the training benchmarks."""
+    swapped = 0
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child) is SmallMapConv2d:
+                plain = torch.nn.Conv2d(child.in_channels, child.out_channels, child.kernel_size, stride=child.stride,
+                                        padding=child.padding, dilation=child.dilation, groups=child.groups,
+                                        bias=child.bias is not None, padding_mode=child.padding_mode,
+                                        device=child.weight.device, dtype=child.weight.dtype)
+                plain.weight, plain.bias = child.weight, child.bias
+                setattr(module, child_name, plain)
+                swapped += 1
+    return swapped

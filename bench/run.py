@@ -37,7 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"comma-separated sections from {', '.join(SECTIONS)} (default: {', '.join(DEFAULT_SECTIONS)}"
                              ", plus experiments when not --quick)")
     parser.add_argument("--e2e", action="store_true", help="run only the long end-to-end section 4")
-    parser.add_argument("--e2e-parts", default="plain,ours,fast", help="e2e parts to run (plain, ours, fast)")
+    parser.add_argument("--e2e-parts", default="fast+smallmap,plain,ours,ours+smallmap",
+                        help="e2e parts to run, in order (plain, ours, ours+smallmap, fast, fast+smallmap)")
     parser.add_argument("--models", default=None,
                         help="comma-separated models for the training section (mlp, cnn, resnet18, mobilenet_v2, resnet50)")
     parser.add_argument("--ks", default=None, help="comma-separated K values for the aggregation section")

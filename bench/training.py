@@ -6,7 +6,9 @@ For each model, three measurements over the same number of steps, interleaved an
   ``ModelFactory``), data pipeline included;
 * ``plain``: the usual pipeline of :mod:`bench.plain` (ImageFolder + PIL transforms + DataLoader with 2 workers),
   same architecture, same memory format, same optimiser and schedule;
-* ``compute``: our trainer on one fixed batch repeated, i.e. the model's own speed without any data pipeline.
+* ``compute``: our trainer on one fixed batch repeated, i.e. the model's own speed without any data pipeline;
+* ``patched``: ``ours`` with ``SmallMapConv2d`` (``ecavg/models/small_map.py``), as ecavg ships it since this
+  benchmark measured it; ``ours``, ``plain`` and ``compute`` use torchvision's plain ``nn.Conv2d``.
 
 The achieved rate is also set against the machine's float32 matmul peak, measured in the same run:
 ``samples/s * training FLOPs per sample / sgemm FLOP/s``, with FLOPs counted by ``torch.utils.flop_counter``
@@ -135,21 +137,26 @@ class Variant:
     batch_size: int | None = None
     autocast_bf16: bool = False
     compile: bool = False
+    small_map: bool = False  # SmallMapConv2d as shipped; False swaps in plain nn.Conv2d
 
 
 SHIPPED = Variant("shipped")
+PATCHED = Variant("small-map convs (patch)", small_map=True)
 VARIANTS: dict[str, Variant] = {
     v.name: v
     for v in (
         SHIPPED,
+        PATCHED,
+        Variant("small-map convs + batch 256", small_map=True, batch_size=256),
+        Variant("small-map convs + torch.compile", small_map=True, compile=True),
         Variant("threads=1", threads=1),
         Variant("contiguous (no channels_last)", channels_last=False),
         Variant("batch 256", batch_size=256),
-        Variant("batch 512", batch_size=512),
         Variant("bf16 autocast", autocast_bf16=True),
-        Variant("torch.compile", compile=True),
     )
 }
+# Environment variables that must be set before torch starts: measured in alternating fresh processes.
+ENV_VARIANTS: dict[str, dict[str, str]] = {"OMP_WAIT_POLICY=PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"}}
 
 
 @contextlib.contextmanager
@@ -215,6 +222,11 @@ def build_model(bench: Workbench, case: ModelCase, variant: Variant = SHIPPED):
     """(model to train, factory, whether inputs are channels_last) for a case and variant."""
     factory = bench.factory(case)
     model = factory.build(seed=0)
+    if not variant.small_map:
+        # ecavg now ships SmallMapConv2d; without it the model is what torchvision builds (the earlier "ours").
+        from bench.proposals import use_plain_convs
+
+        use_plain_convs(model)
     if variant.channels_last is False and factory.channels_last:
         model = model.to(memory_format=torch.contiguous_format)
         factory.channels_last = False
@@ -294,9 +306,10 @@ def run(models: Sequence[str] = tuple(CASES), *, quick: bool = False, repeats: i
         case = CASES[name]
         warmup, steps = (case.quick_warmup, case.quick_steps) if quick else (case.warmup, case.steps)
         flops = training_flops_per_sample(bench, case)
-        runs: dict[str, list[dict[str, float]]] = {"ours": [], "plain": [], "compute": []}
+        runs: dict[str, list[dict[str, float]]] = {"ours": [], "patched": [], "plain": [], "compute": []}
         for _ in range(repeats):  # interleaved, so a burst of outside load hits every method alike
             runs["ours"].append(measure_ours(bench, case, warmup, steps))
+            runs["patched"].append(measure_ours(bench, case, warmup, steps, PATCHED))
             if with_plain:
                 runs["plain"].append(measure_plain(bench, case, warmup, steps))
             runs["compute"].append(measure_compute(bench, case, warmup, steps))
@@ -304,12 +317,16 @@ def run(models: Sequence[str] = tuple(CASES), *, quick: bool = False, repeats: i
         ours = best["ours"]["samples_per_s"]
         plain = best["plain"]["samples_per_s"] if "plain" in best else None
         compute = best["compute"]["samples_per_s"]
-        peak = max(peak, 0.0)
+        patched = best["patched"]["samples_per_s"]
         entry = {
             "dataset": case.dataset, "batch_size": case.batch_size, "warmup_steps": warmup, "timed_steps": steps,
             "repeats": repeats, "train_gflop_per_sample": flops / 1e9,
             "ours_samples_per_s": ours, "plain_samples_per_s": plain, "compute_only_samples_per_s": compute,
+            "patched_samples_per_s": patched,
             "ours_over_plain": ours / plain if plain else None,
+            "patched_over_plain": patched / plain if plain else None,
+            "patched_over_ours": patched / ours,
+            "patched_fraction_of_sgemm_peak": patched * flops / (peak * 1e9),
             "ours_over_compute_only": ours / compute,
             "ours_gflops": ours * flops / 1e9,
             "ours_fraction_of_sgemm_peak": ours * flops / (peak * 1e9),
@@ -318,13 +335,13 @@ def run(models: Sequence[str] = tuple(CASES), *, quick: bool = False, repeats: i
         }
         results[name] = entry
         rows.append([name, case.dataset, case.batch_size, ours, plain, entry["ours_over_plain"], compute,
-                     entry["ours_over_compute_only"], flops / 1e9 * 1e3, entry["ours_gflops"],
-                     entry["ours_fraction_of_sgemm_peak"]])
+                     entry["ours_over_compute_only"], flops / 1e9 * 1e3, entry["ours_fraction_of_sgemm_peak"],
+                     patched, entry["patched_over_plain"], entry["patched_fraction_of_sgemm_peak"]])
     print_table(
         f"Training throughput (samples/s, best of {repeats}, {'quick' if quick else 'full'}); "
         f"sgemm peak {peak:.0f} GFLOP/s measured in this run",
         ["model", "data", "batch", "ours", "plain", "ours/plain", "compute only", "ours/compute",
-         "MFLOP/sample", "GFLOP/s", "of peak"],
+         "MFLOP/sample", "of peak", "patched", "patched/plain", "patched of peak"],
         rows,
     )
     return {"sgemm_peak_gflops": peak, "quick": quick, "models": results}
@@ -359,6 +376,51 @@ def run_experiments(models: Sequence[str] = ("mobilenet_v2", "resnet18"), varian
             ratio = tried["samples_per_s"] / shipped["samples_per_s"]
             results[model_name][variant_name] = {"shipped": shipped, "variant": tried, "ratio": ratio}
             rows.append([model_name, variant_name, shipped["samples_per_s"], tried["samples_per_s"], ratio, ""])
+    for model_name in models:
+        for env_name, env in ENV_VARIANTS.items():
+            outcome = env_experiment(model_name, env, quick=quick, data_dir=bench.data_dir)
+            results[model_name][env_name] = outcome
+            rows.append([model_name, env_name, outcome["shipped_median"], outcome["variant_median"], outcome["ratio"],
+                         "fresh processes, alternating, medians"])
     print_table("Trainer variants (samples/s; each variant right after the shipped trainer, same process)",
                 ["model", "variant", "shipped", "variant", "ratio", "note"], rows)
     return {"quick": quick, "models": results}
+
+
+def env_experiment(model: str, env: dict[str, str], *, quick: bool, data_dir: Path, rounds: int = 3) -> dict[str, Any]:
+    """Our trainer in fresh processes, alternately without and with ``env``; medians of each."""
+    import json
+    import os
+    import statistics
+    import subprocess
+    import sys
+
+    from bench.common import REPO_ROOT
+
+    base_env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    args = json.dumps({"model": model, "quick": quick, "data_dir": str(data_dir)})
+    rates: dict[str, list[float]] = {"shipped": [], "variant": []}
+    for _ in range(rounds):
+        for key, extra in (("shipped", {}), ("variant", env)):
+            proc = subprocess.run([sys.executable, "-m", "bench.training", "--worker", args], cwd=REPO_ROOT,
+                                  env={**base_env, **extra}, capture_output=True, text=True, timeout=900)
+            if proc.returncode != 0:
+                raise RuntimeError(f"trainer worker ({extra or 'default env'}) failed:\n{proc.stderr[-3000:]}")
+            rates[key].append(json.loads(proc.stdout.strip().splitlines()[-1])["samples_per_s"])
+    shipped, variant = statistics.median(rates["shipped"]), statistics.median(rates["variant"])
+    return {"env": env, "rates": rates, "shipped_median": shipped, "variant_median": variant, "ratio": variant / shipped}
+
+
+def _worker(model: str, quick: bool, data_dir: str) -> dict[str, Any]:
+    case = CASES[model]
+    warmup, steps = (case.quick_warmup, case.quick_steps) if quick else (case.warmup, case.steps)
+    return measure_ours(Workbench(Path(data_dir)), case, warmup, steps)
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description="one measurement of our trainer (used by env_experiment)")
+    parser.add_argument("--worker", required=True, help="JSON: model, quick, data_dir")
+    print(json.dumps(_worker(**json.loads(parser.parse_args().worker))))

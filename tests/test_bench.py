@@ -180,3 +180,22 @@ def test_all_finite_aminmax_names_the_first_bad_tensor():
     assert all_finite_aminmax(state) == "b"
     assert all_finite_aminmax({"a": torch.randn(3), "h": torch.tensor([-math.inf]).half()}) == "h"
     assert all_finite_aminmax({"a": torch.randn(3)}) is None
+
+
+def test_plain_convs_round_trip_keeps_state_dict_and_outputs():
+    # SmallMapConv2d itself is tested in tests/test_small_map.py; the benchmarks' baselines swap it back.
+    from bench.proposals import SmallMapConv2d, use_plain_convs, use_small_map_convs
+    from ecavg.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", num_classes=10, in_channels=3, image_size=32).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = model(x)
+    keys = list(model.state_dict())
+    assert use_plain_convs(model) == 20
+    assert not any(isinstance(m, SmallMapConv2d) for m in model.modules())
+    assert list(model.state_dict()) == keys
+    with torch.no_grad():
+        assert torch.allclose(model(x), before, atol=1e-4)
+    assert use_small_map_convs(model) == 20
