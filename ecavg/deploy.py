@@ -596,20 +596,27 @@ def deploy_local(
             run_id = submit_run(federation.flwr, app_dir)
             log.info("submitted run %d", run_id)
 
-            def superlink_died() -> str | None:
-                return None if federation.alive("superlink") else "the SuperLink exited during the run"
-
-            try:
-                results = follow_run(federation.flwr, run_id, out, timeout_s=timeout_s, alive=superlink_died)
-            finally:
-                if federation.alive("superlink"):
-                    save_run_log(federation.flwr, run_id, logs / "serverapp.log")
-            results["output_dir"] = str(out)
-            results.setdefault("deploy", {})["launcher_wall_s"] = round(time.monotonic() - started, 3)
-            return results
+            return _follow_local_run(federation, run_id, out, logs, timeout_s=timeout_s, started=started)
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _follow_local_run(federation: "LocalFederation", run_id: int, out: Path, logs: Path, *,
+                      timeout_s: float | None, started: float) -> dict[str, Any]:
+    """Wait for a run on a federation this process started; keep the ServerApp's log; return the results."""
+
+    def superlink_died() -> str | None:
+        return None if federation.alive("superlink") else "the SuperLink exited during the run"
+
+    try:
+        results = follow_run(federation.flwr, run_id, out, timeout_s=timeout_s, alive=superlink_died)
+    finally:
+        if federation.alive("superlink"):
+            save_run_log(federation.flwr, run_id, logs / "serverapp.log")
+    results["output_dir"] = str(out)
+    results.setdefault("deploy", {})["launcher_wall_s"] = round(time.monotonic() - started, 3)
+    return results
 
 
 def _raise_on_sigterm() -> Any:
@@ -734,17 +741,7 @@ def deploy_simulation(
             log.info("simulation run %d: %d edges on a SuperLink at %s", run_id, cfg["data"]["num_edges"],
                      federation.address)
 
-            def superlink_died() -> str | None:
-                return None if federation.alive("superlink") else "the SuperLink exited during the run"
-
-            try:
-                results = follow_run(federation.flwr, run_id, out, timeout_s=timeout_s, alive=superlink_died)
-            finally:
-                if federation.alive("superlink"):
-                    save_run_log(federation.flwr, run_id, logs / "serverapp.log")
-            results["output_dir"] = str(out)
-            results.setdefault("deploy", {})["launcher_wall_s"] = round(time.monotonic() - started, 3)
-            return results
+            return _follow_local_run(federation, run_id, out, logs, timeout_s=timeout_s, started=started)
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)
         shutil.rmtree(workdir, ignore_errors=True)

@@ -81,6 +81,16 @@ def build_edges_and_server(cfg: dict[str, Any], splits: DatasetSplits, device: t
     return edges, union, server
 
 
+def prepare_compute(cfg: Mapping[str, Any], data_dir: str | Path | None) -> tuple[torch.device, DatasetSplits, float]:
+    """Thread count, device and the run's dataset (with its load time in seconds), as every runtime needs them."""
+    if cfg["threads"] > 0:
+        torch.set_num_threads(cfg["threads"])
+    device = resolve_device(cfg["device"])
+    started = time.perf_counter()
+    splits = load_dataset(cfg["data"]["dataset"], data_dir, download=cfg["data"]["download"])
+    return device, splits, time.perf_counter() - started
+
+
 def default_output_dir(cfg: Mapping[str, Any]) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     name = cfg.get("name") or f"{cfg['strategy']}-{cfg['data']['dataset']}-{cfg['model']['name']}"
@@ -126,12 +136,7 @@ def run_experiment(
         cfg = resolve_config(config)
         out = _prepare_output(cfg, Path(output_dir) if output_dir else None,
                               str(data_dir) if data_dir is not None else None)
-    if cfg["threads"] > 0:
-        torch.set_num_threads(cfg["threads"])
-    device = resolve_device(cfg["device"])
-    started = time.perf_counter()
-    splits = load_dataset(cfg["data"]["dataset"], data_dir, download=cfg["data"]["download"])
-    load_s = time.perf_counter() - started
+    device, splits, load_s = prepare_compute(cfg, data_dir)
     edges, union, server = build_edges_and_server(cfg, splits, device)
     pool = EmbeddedEdgePool(edges, union)
     metrics_path = out / "metrics.jsonl"

@@ -27,11 +27,11 @@ from flwr.serverapp import Grid, ServerApp
 
 from ecavg.config import resolve_config
 from ecavg.core.checkpoint import PhaseStore, write_text_atomic
-from ecavg.core.participants import DataSpec, ServerWorker, resolve_device
+from ecavg.core.participants import DataSpec, ServerWorker
 from ecavg.core.protocol import EdgeEvaluation, EdgePool, EdgeReply, RunContext, run_strategy
 from ecavg.core.serialization import encode_state_dict
 from ecavg.data import ImageDataset, load_dataset
-from ecavg.experiment import _prepare_output, build_edges_and_server
+from ecavg.experiment import _prepare_output, build_edges_and_server, prepare_compute
 from ecavg.report import build_results, write_outputs
 from ecavg.runtime.flower import wire
 from ecavg.runtime.deploy_settings import (
@@ -361,12 +361,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], *, log_to_output: bool
 
 def _serve(grid: Grid, cfg: dict[str, Any], settings: DeploySettings, note: str | None, out: Path,
            data_dir: str | None) -> dict[str, Any]:
-    if cfg["threads"] > 0:
-        torch.set_num_threads(cfg["threads"])
-    device = resolve_device(cfg["device"])
-    started = time.perf_counter()
-    splits = load_dataset(cfg["data"]["dataset"], data_dir, download=cfg["data"]["download"])
-    load_s = time.perf_counter() - started
+    device, splits, load_s = prepare_compute(cfg, data_dir)
     # The server builds its worker exactly as the embedded runtime does (the edge workers are unused here).
     _, _, server = build_edges_and_server(cfg, splits, device)
     spec = server.factory.spec
