@@ -5,7 +5,7 @@ Parts, all in one process so their times compare:
 * ``plain``: ECAvg written the usual way (:mod:`bench.plain` pipeline; same model, optimiser, epochs, shared
   init and label smoothing as ours), 5 edge epochs then 5 server epochs;
 * ``ours``: ``run_experiment`` with the same 5 + 5 configuration;
-* ``fast``: ``run_experiment`` with ``configs/perf/cifar10_mobilenetv2_fast.toml``, tuned to reach the paper's
+* ``fast``: ``run_experiment`` with ``configs/paper/cifar10_mobilenetv2.toml``, tuned to reach the paper's
   81.16% after-update edge accuracy quickly;
 * ``ours``/``fast`` run with plain ``nn.Conv2d``; ``ours+smallmap``, ``fast+smallmap`` with ``SmallMapConv2d``,
   which ecavg ships since this benchmark measured it (``ecavg/models/small_map.py``).
@@ -29,7 +29,7 @@ from torch import nn
 from bench.common import DEFAULT_CACHE_DIR, DEFAULT_DATA_DIR, REPO_ROOT, load_average, print_table
 
 PAPER_AFTER_UPDATE = 0.8116
-FAST_CONFIG = REPO_ROOT / "configs" / "perf" / "cifar10_mobilenetv2_fast.toml"
+FAST_CONFIG = REPO_ROOT / "configs" / "paper" / "cifar10_mobilenetv2.toml"
 
 # The 5 + 5 configuration of the plain baseline in the issue; the paper config otherwise (configs/paper).
 BASELINE_CONFIG: dict[str, Any] = {

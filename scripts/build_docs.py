@@ -1,0 +1,319 @@
+"""Build the result documents (docs/reproduction.md, docs/findings.md) from the runs kept under results/.
+
+Every number in those documents comes from a results.json file: the prose lives in docs/src/*.md, and
+directives there are replaced by tables, figures and single numbers read from the runs, so nothing is typed in
+by hand and a reader can check each figure against its run.
+
+    python scripts/build_docs.py            # rewrite docs/*.md from docs/src/*.md
+    python scripts/build_docs.py --check    # exit 1 if a document is not what its source and results give
+
+Directives (paths are relative to the repository root):
+
+``@@strategies DIR [paper_before=X paper_after=Y]`` (a line of its own)
+    One row per ``DIR/strategy=*`` run (ecavg, centralized, local, fedavg), the paper's figures as a first row
+    when given, then the headline: what ECAvg's fine-tuned server gains over the centralized one.
+``@@sweep DIR [DIR ...]`` (a line of its own)
+    The runs of one or more ``ecavg sweep`` directories (their ``sweep.csv``) in one table; runs that differ
+    only in ``seed`` are one row with mean ± standard deviation.
+``@@config RUN`` (a line of its own)
+    The hyperparameters of one run, from its resolved config.
+``@@curve RUN IMAGE`` (a line of its own)
+    Draws the run's per-epoch training curves (metrics.jsonl) into IMAGE and links it.
+``{{acc RUN FIELD}}`` (inline)
+    One accuracy in %, FIELD one of ``edge_before``, ``edge_after`` (means over edges), ``server_averaged``,
+    ``server_finetuned``; ``{{time RUN}}`` the run's total seconds, as minutes.
+``{{pp RUN_A FIELD_A RUN_B FIELD_B}}`` (inline)
+    A minus B in percentage points, signed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SOURCES = REPO_ROOT / "docs" / "src"
+OUTPUT_DIR = REPO_ROOT / "docs"
+
+FIELDS = ("edge_before", "edge_after", "server_averaged", "server_finetuned")
+FIELD_TITLES = {
+    "edge_before": "edge acc. before update",
+    "edge_after": "edge acc. after update",
+    "server_averaged": "server, averaged",
+    "server_finetuned": "server, fine-tuned/trained",
+}
+STRATEGY_ORDER = ("ecavg", "centralized", "local", "fedavg")
+STRATEGY_TITLES = {
+    "ecavg": "ECAvg",
+    "centralized": "centralized (server only, same server epochs)",
+    "local": "local-only edges",
+    "fedavg": "FedAvg (same total epochs)",
+}
+
+
+CHECK_ONLY = False  # set by --check: nothing is written
+
+class DocError(RuntimeError):
+    """A directive that cannot be rendered (missing run, unknown field); the message names it."""
+
+
+def load_results(run: Path) -> dict[str, Any]:
+    path = run / "results.json"
+    if not path.is_file():
+        raise DocError(f"no results.json in {run.relative_to(REPO_ROOT) if run.is_absolute() else run}")
+    return json.loads(path.read_text())
+
+
+def summary(results: dict[str, Any]) -> dict[str, float | None]:
+    """The four accuracies of one run (edge figures: mean over edges) and its wall time."""
+    def mean(values: list[float | None]) -> float | None:
+        present = [v for v in values if v is not None]
+        return statistics.fmean(present) if present else None
+
+    return {
+        "edge_before": mean([e["accuracy_before"] for e in results["edges"]]),
+        "edge_after": mean([e["accuracy_after"] for e in results["edges"]]),
+        "server_averaged": results["server"]["accuracy_averaged"],
+        "server_finetuned": results["server"]["accuracy_finetuned"],
+        "total_s": results["timing_s"]["total"],
+    }
+
+
+def pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}"
+
+
+def pct_spread(values: list[float | None]) -> str:
+    present = [v for v in values if v is not None]
+    if not present:
+        return "-"
+    if len(present) == 1:
+        return pct(present[0])
+    return f"{100 * statistics.fmean(present):.2f} ± {100 * statistics.pstdev(present):.2f}"
+
+
+def minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min"
+
+
+def rel(path: Path) -> str:
+    return path.resolve().relative_to(REPO_ROOT).as_posix()
+
+
+def render_strategies(args: list[str]) -> str:
+    directory = REPO_ROOT / args[0]
+    paper = dict(a.split("=", 1) for a in args[1:])
+    runs = {}
+    for strategy in STRATEGY_ORDER:
+        run = directory / f"strategy={strategy}"
+        if run.is_dir():
+            runs[strategy] = (run, summary(load_results(run)))
+    if not runs:
+        raise DocError(f"no strategy=* runs in {args[0]}")
+    lines = [
+        "| strategy | " + " | ".join(FIELD_TITLES[f] for f in FIELDS) + " | wall time | run |",
+        "|---|" + "---:|" * len(FIELDS) + "---:|---|",
+    ]
+    if paper:
+        cells = [paper.get("paper_before", "-"), paper.get("paper_after", "-"), "-", "-"]
+        lines.append("| paper (ECAvg) | " + " | ".join(cells) + " | - | - |")
+    for strategy, (run, s) in runs.items():
+        lines.append(f"| {STRATEGY_TITLES[strategy]} | " + " | ".join(pct(s[f]) for f in FIELDS)
+                     + f" | {minutes(s['total_s'])} | [{run.name}](../{rel(run)}/results.md) |")
+    lines.append("")
+    lines.append("Accuracies in %; edges on their own test partitions (mean over edges), the server on the full "
+                 "test set.")
+    if "ecavg" in runs and "centralized" in runs:
+        gain = runs["ecavg"][1]["server_finetuned"] - runs["centralized"][1]["server_finetuned"]
+        lines.append(f"**What ECAvg adds** (fine-tuned server from the averaged weights minus the centralized "
+                     f"server, same server epochs): **{100 * gain:+.2f} pp**.")
+    return "\n".join(lines)
+
+
+def _read_sweep(directory: Path) -> tuple[list[str], list[dict[str, str]]]:
+    path = directory / "sweep.csv"
+    if not path.is_file():
+        raise DocError(f"no sweep.csv in {rel(directory)} (has the sweep finished?)")
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    header = list(rows[0].keys()) if rows else []
+    keys = header[: header.index("run")] if "run" in header else []
+    return keys, rows
+
+
+def render_sweep(args: list[str]) -> str:
+    """Sweeps side by side; their grid keys become columns (blank where a sweep does not vary one)."""
+    sweeps = [(REPO_ROOT / a, *_read_sweep(REPO_ROOT / a)) for a in args]
+    columns: list[str] = []
+    for _, keys, _ in sweeps:
+        columns += [k for k in keys if k != "seed" and k not in columns]
+    with_seeds = any("seed" in keys for _, keys, _ in sweeps)
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for directory, keys, rows in sweeps:
+        for row in rows:
+            ident = (rel(directory),) + tuple(row.get(k, "") for k in columns)
+            groups.setdefault(ident, []).append(summary(load_results(directory / row["run"])))
+    lines = [
+        "| " + " | ".join(columns + (["seeds"] if with_seeds else []) + [FIELD_TITLES[f] for f in FIELDS])
+        + " | wall time |",
+        "|" + "---|" * len(columns) + ("---:|" if with_seeds else "") + "---:|" * (len(FIELDS) + 1),
+    ]
+    for ident, members in groups.items():
+        cells = list(ident[1:]) + ([str(len(members))] if with_seeds else [])
+        cells += [pct_spread([m[f] for m in members]) for f in FIELDS]
+        cells.append(minutes(statistics.fmean(m["total_s"] for m in members)))
+        lines.append("| " + " | ".join(c or "·" for c in cells) + " |")
+    lines.append("")
+    lines.append("Accuracies in %" + ("; mean ± standard deviation over seeds" if with_seeds else "")
+                 + "; wall time per run. Runs: " + ", ".join(f"`{rel(d)}/`" for d, _, _ in sweeps) + ".")
+    return "\n".join(lines)
+
+
+def render_config(args: list[str]) -> str:
+    cfg = load_results(REPO_ROOT / args[0])["config"]
+    data, model = cfg["data"], cfg["model"]
+
+    def training(section: dict[str, Any]) -> str:
+        text = (f"{section['epochs']} epochs, batch {section['batch_size']}, {section['optimizer']} lr "
+                f"{section['lr']} ({section['schedule']})")
+        if section["optimizer"] == "sgd":
+            text += f", momentum {section['momentum']}{' Nesterov' if section['nesterov'] else ''}"
+        text += f", weight decay {section['weight_decay']}, label smoothing {section['label_smoothing']}"
+        return text
+
+    options = ", ".join(f"{k} {v}" for k, v in model.items() if k != "name")
+    partition = data["partition"] + (f" {data['ratios']}" if data["partition"] == "ratio" else "") + (
+        f" alpha {data['alpha']}" if data["partition"] == "dirichlet" else "") + (
+        f" {data['labels_per_edge']} labels per edge" if data["partition"] == "shards" else "")
+    init = cfg["init"] + ("" if cfg["shared_init"] else " (independent per edge)")
+    if cfg["init"] == "warmup":
+        init += f" ({cfg['warmup']['epochs']} epochs on {cfg['warmup']['data_fraction']} of the data)"
+    if cfg["init"] == "pretrained":
+        init += f" (`{cfg['pretrained']}`)"
+    items = [
+        f"data: `{data['dataset']}`, {data['num_edges']} edges, partition {partition}, augmentation "
+        f"{data['augment']}, train fraction {data['train_fraction']}",
+        f"model: `{model['name']}`" + (f" ({options})" if options else ""),
+        f"shared start: {init}; BatchNorm recalibration after averaging: {cfg['bn_recalibration']}; seed "
+        f"{cfg['seed']}",
+        f"edges: {training(cfg['edge'])}",
+        f"server: {training(cfg['server'])}",
+        f"FedAvg: {cfg['fedavg']['rounds']} rounds of the edge settings",
+    ]
+    return "\n".join(f"- {item}" for item in items)
+
+
+def render_curve(args: list[str]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run, image = REPO_ROOT / args[0], REPO_ROOT / args[1]
+    link = f"![training curves of {rel(run)}](../{rel(image)})"
+    if CHECK_ONLY and image.is_file():
+        return link  # the text is what --check compares; pixels may differ between matplotlib versions
+    metrics_path = run / "metrics.jsonl"
+    if not metrics_path.is_file():
+        raise DocError(f"no metrics.jsonl in {args[0]}")
+    series: dict[str, list[tuple[int, float, float | None]]] = {}
+    for line in metrics_path.read_text().splitlines():
+        m = json.loads(line)
+        if "epoch" not in m:  # one-off evaluations (the average, the update) are in the tables
+            continue
+        series.setdefault(f"{m['participant']} {m['phase']}", []).append(
+            (m["epoch"], m["train_accuracy"], m.get("test_accuracy")))
+    fig, ax = plt.subplots(figsize=(7.0, 3.6))
+    offset = 0
+    for label, points in series.items():
+        # Phases follow each other: the server's epochs are drawn after the edges'.
+        start = offset if "edge" not in label else 0
+        xs = [start + e for e, _, _ in points]
+        ax.plot(xs, [100 * a for _, a, _ in points], marker=".", label=f"{label} (train)")
+        tests = [(x, t) for x, (_, _, t) in zip(xs, points) if t is not None]
+        if tests:
+            ax.plot([x for x, _ in tests], [100 * t for _, t in tests], linestyle="--", label=f"{label} (test)")
+        if "edge" in label:
+            offset = max(offset, xs[-1])
+    ax.set_xlabel("epoch (edges' pre-training, then the server's)")
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    image.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(image, dpi=100)
+    plt.close(fig)
+    return link
+
+
+def field_value(run_arg: str, field: str) -> float:
+    if field not in FIELDS:
+        raise DocError(f"unknown field {field!r} (one of {', '.join(FIELDS)})")
+    value = summary(load_results(REPO_ROOT / run_arg))[field]
+    if value is None:
+        raise DocError(f"{run_arg} has no {field}")
+    return value
+
+
+def render_inline(match: re.Match) -> str:
+    verb, *args = match.group(1).split()
+    if verb == "acc" and len(args) == 2:
+        return f"{100 * field_value(*args):.2f}%"
+    if verb == "pp" and len(args) == 4:
+        return f"{100 * (field_value(args[0], args[1]) - field_value(args[2], args[3])):+.2f} pp"
+    if verb == "time" and len(args) == 1:
+        return minutes(summary(load_results(REPO_ROOT / args[0]))["total_s"])
+    raise DocError(f"bad inline directive {{{{{match.group(1)}}}}}")
+
+
+BLOCKS = {"strategies": render_strategies, "sweep": render_sweep, "config": render_config, "curve": render_curve}
+
+
+def render(source: Path) -> str:
+    out = [f"<!-- Generated by scripts/build_docs.py from docs/src/{source.name} and the runs under results/; "
+           "edit those, not this file. -->", ""]
+    for line in source.read_text().splitlines():
+        if line.startswith("@@"):
+            verb, *args = line[2:].split()
+            if verb not in BLOCKS:
+                raise DocError(f"{source.name}: unknown directive @@{verb}")
+            out.append(BLOCKS[verb](args))
+        else:
+            out.append(re.sub(r"\{\{(.+?)\}\}", render_inline, line))
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="only check that the documents are up to date")
+    args = parser.parse_args(argv)
+    global CHECK_ONLY
+    CHECK_ONLY = args.check
+    stale = []
+    for source in sorted(SOURCES.glob("*.md")):
+        try:
+            text = render(source)
+        except DocError as exc:
+            print(f"error: {source.name}: {exc}", file=sys.stderr)
+            return 2
+        target = OUTPUT_DIR / source.name
+        if args.check:
+            if not target.is_file() or target.read_text() != text:
+                stale.append(rel(target))
+        else:
+            target.write_text(text)
+            print(f"wrote {rel(target)}")
+    if stale:
+        print("out of date (run python scripts/build_docs.py): " + ", ".join(stale), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
