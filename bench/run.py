@@ -40,7 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--e2e-parts", default="fast+smallmap,plain,ours,ours+smallmap",
                         help="e2e parts to run, in order (plain, ours, ours+smallmap, fast, fast+smallmap)")
     parser.add_argument("--models", default=None,
-                        help="comma-separated models for the training section (mlp, cnn, resnet18, mobilenet_v2, resnet50)")
+                        help="comma-separated models for the training and experiments sections "
+                             "(mlp, cnn, resnet18, mobilenet_v2, resnet50)")
     parser.add_argument("--ks", default=None, help="comma-separated K values for the aggregation section")
     parser.add_argument("--no-plain", action="store_true", help="training: skip the plain pipeline")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
@@ -90,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             from bench import training
 
             bench = training.Workbench(args.data_dir, args.cache_dir)
-            body = training.run_experiments(quick=args.quick, bench=bench)
+            models = args.models.split(",") if args.models else ("mobilenet_v2", "resnet18")
+            body = training.run_experiments(models, quick=args.quick, bench=bench)
         elif name == "e2e":
             from bench import e2e
 
