@@ -74,7 +74,9 @@ def point_name(assignment: Sequence[tuple[str, str]]) -> str:
     return "".join(c if c.isalnum() or c in "=,.-_" else "_" for c in text)
 
 
-def _summary(results: Mapping[str, Any]) -> dict[str, float | None]:
+def run_summary(results: Mapping[str, Any]) -> dict[str, float | None]:
+    """The accuracies of one run (edge figures: the mean over edges; None where the strategy has none) and its
+    wall time."""
     def mean(values: list[float | None]) -> float | None:
         present = [v for v in values if v is not None]
         return sum(present) / len(present) if present else None
@@ -115,7 +117,7 @@ def run_sweep(
         else:
             results = run_experiment(user, data_dir=data_dir, output_dir=run_dir)
         rows.append({"point": {k: parse_override(f"{k}={v}")[1] for k, v in assignment}, "run": run_dir.name,
-                     **_summary(results)})
+                     **run_summary(results)})
     write_sweep_outputs(out, [k for k, _ in grid], rows, base)
     return rows
 

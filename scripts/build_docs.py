@@ -21,7 +21,8 @@ Directives (paths are relative to the repository root):
     Draws the run's per-epoch training curves (metrics.jsonl) into IMAGE and links it.
 ``{{acc RUN FIELD}}`` (inline)
     One accuracy in %, FIELD one of ``edge_before``, ``edge_after`` (means over edges), ``server_averaged``,
-    ``server_finetuned``; ``{{time RUN}}`` the run's total seconds, as minutes.
+    ``server_finetuned``; ``{{time RUN}}`` the run's total seconds, as minutes; ``{{epoch_s RUN PHASE}}`` the
+    median seconds of one epoch of PHASE (``pretrain``, ``finetune``, ``centralized``, ...).
 ``{{pp RUN_A FIELD_A RUN_B FIELD_B}}`` (inline)
     A minus B in percentage points, signed.
 """
@@ -36,6 +37,9 @@ import statistics
 import sys
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from ecavg.sweep import run_summary  # noqa: E402  (the same per-run figures as `ecavg sweep` tables)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SOURCES = REPO_ROOT / "docs" / "src"
@@ -59,6 +63,7 @@ STRATEGY_TITLES = {
 
 CHECK_ONLY = False  # set by --check: nothing is written
 
+
 class DocError(RuntimeError):
     """A directive that cannot be rendered (missing run, unknown field); the message names it."""
 
@@ -68,21 +73,6 @@ def load_results(run: Path) -> dict[str, Any]:
     if not path.is_file():
         raise DocError(f"no results.json in {run.relative_to(REPO_ROOT) if run.is_absolute() else run}")
     return json.loads(path.read_text())
-
-
-def summary(results: dict[str, Any]) -> dict[str, float | None]:
-    """The four accuracies of one run (edge figures: mean over edges) and its wall time."""
-    def mean(values: list[float | None]) -> float | None:
-        present = [v for v in values if v is not None]
-        return statistics.fmean(present) if present else None
-
-    return {
-        "edge_before": mean([e["accuracy_before"] for e in results["edges"]]),
-        "edge_after": mean([e["accuracy_after"] for e in results["edges"]]),
-        "server_averaged": results["server"]["accuracy_averaged"],
-        "server_finetuned": results["server"]["accuracy_finetuned"],
-        "total_s": results["timing_s"]["total"],
-    }
 
 
 def pct(value: float | None) -> str:
@@ -113,7 +103,7 @@ def render_strategies(args: list[str]) -> str:
     for strategy in STRATEGY_ORDER:
         run = directory / f"strategy={strategy}"
         if run.is_dir():
-            runs[strategy] = (run, summary(load_results(run)))
+            runs[strategy] = (run, run_summary(load_results(run)))
     if not runs:
         raise DocError(f"no strategy=* runs in {args[0]}")
     lines = [
@@ -158,7 +148,7 @@ def render_sweep(args: list[str]) -> str:
     for directory, keys, rows in sweeps:
         for row in rows:
             ident = (rel(directory),) + tuple(row.get(k, "") for k in columns)
-            groups.setdefault(ident, []).append(summary(load_results(directory / row["run"])))
+            groups.setdefault(ident, []).append(run_summary(load_results(directory / row["run"])))
     lines = [
         "| " + " | ".join(columns + (["seeds"] if with_seeds else []) + [FIELD_TITLES[f] for f in FIELDS])
         + " | wall time |",
@@ -255,10 +245,22 @@ def render_curve(args: list[str]) -> str:
 def field_value(run_arg: str, field: str) -> float:
     if field not in FIELDS:
         raise DocError(f"unknown field {field!r} (one of {', '.join(FIELDS)})")
-    value = summary(load_results(REPO_ROOT / run_arg))[field]
+    value = run_summary(load_results(REPO_ROOT / run_arg))[field]
     if value is None:
         raise DocError(f"{run_arg} has no {field}")
     return value
+
+
+def median_epoch_seconds(run: Path, phase: str) -> float:
+    """Median wall time of one epoch of ``phase`` (pretrain, finetune, ...): robust to a few disturbed epochs."""
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        raise DocError(f"no metrics.jsonl in {rel(run)}")
+    seconds = [m["seconds"] for m in map(json.loads, path.read_text().splitlines())
+               if m.get("phase") == phase and "seconds" in m]
+    if not seconds:
+        raise DocError(f"{rel(run)} has no {phase} epochs")
+    return statistics.median(seconds)
 
 
 def render_inline(match: re.Match) -> str:
@@ -267,8 +269,10 @@ def render_inline(match: re.Match) -> str:
         return f"{100 * field_value(*args):.2f}%"
     if verb == "pp" and len(args) == 4:
         return f"{100 * (field_value(args[0], args[1]) - field_value(args[2], args[3])):+.2f} pp"
+    if verb == "epoch_s" and len(args) == 2:
+        return f"{median_epoch_seconds(REPO_ROOT / args[0], args[1]):.1f} s"
     if verb == "time" and len(args) == 1:
-        return minutes(summary(load_results(REPO_ROOT / args[0]))["total_s"])
+        return minutes(run_summary(load_results(REPO_ROOT / args[0]))["total_s"])
     raise DocError(f"bad inline directive {{{{{match.group(1)}}}}}")
 
 
