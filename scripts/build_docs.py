@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import re
 import statistics
 import sys
@@ -206,7 +207,7 @@ def render_curve(args: list[str]) -> str:
     import matplotlib.pyplot as plt
 
     run, image = REPO_ROOT / args[0], REPO_ROOT / args[1]
-    link = f"![training curves of {rel(run)}](../{rel(image)})"
+    link = f"![training curves of {rel(run)}]({os.path.relpath(image, REPO_ROOT / 'docs')})"
     if CHECK_ONLY and image.is_file():
         return link  # the text is what --check compares; pixels may differ between matplotlib versions
     metrics_path = run / "metrics.jsonl"

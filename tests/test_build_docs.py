@@ -69,7 +69,7 @@ def test_renders_every_directive_from_the_runs(tiny_sweep, monkeypatch):
     assert len(rows) == 2 and all("| 2 |" in r and "±" in r for r in rows)
     assert "- model: `mlp` (hidden 32)" in text
     assert (tiny_sweep / "docs" / "img" / "curve.png").stat().st_size > 0
-    assert "![training curves of results/tiny/strategy=ecavg,seed=0](../docs/img/curve.png)" in text
+    assert "![training curves of results/tiny/strategy=ecavg,seed=0](img/curve.png)" in text
 
 
 def test_missing_run_and_bad_directive_are_named(tiny_sweep, monkeypatch):
