@@ -20,7 +20,7 @@ Directives (paths are relative to the repository root):
 ``@@curve RUN IMAGE`` (a line of its own)
     Draws the run's per-epoch training curves (metrics.jsonl) into IMAGE and links it.
 ``{{acc RUN FIELD}}`` (inline)
-    One accuracy in %, FIELD one of ``edge_before``, ``edge_after`` (means over edges), ``server_averaged``,
+    One accuracy in % (a RUN with ``*`` in it: the mean over the runs it matches), FIELD one of ``edge_before``, ``edge_after`` (means over edges), ``server_averaged``,
     ``server_finetuned``; ``{{time RUN}}`` the run's total seconds, as minutes; ``{{epoch_s RUN PHASE}}`` the
     median seconds of one epoch of PHASE (``pretrain``, ``finetune``, ``centralized``, ...).
 ``{{pp RUN_A FIELD_A RUN_B FIELD_B}}`` (inline)
@@ -90,7 +90,7 @@ def pct_spread(values: list[float | None]) -> str:
 
 
 def minutes(seconds: float) -> str:
-    return f"{seconds / 60:.1f} min"
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
 def rel(path: Path) -> str:
@@ -244,12 +244,16 @@ def render_curve(args: list[str]) -> str:
 
 
 def field_value(run_arg: str, field: str) -> float:
+    """FIELD of one run; a RUN with ``*`` (e.g. ``.../seed=*``) gives the mean over the runs it matches."""
     if field not in FIELDS:
         raise DocError(f"unknown field {field!r} (one of {', '.join(FIELDS)})")
-    value = run_summary(load_results(REPO_ROOT / run_arg))[field]
-    if value is None:
+    runs = sorted(REPO_ROOT.glob(run_arg)) if "*" in run_arg else [REPO_ROOT / run_arg]
+    if not runs:
+        raise DocError(f"no runs match {run_arg}")
+    values = [run_summary(load_results(run))[field] for run in runs]
+    if any(v is None for v in values):
         raise DocError(f"{run_arg} has no {field}")
-    return value
+    return statistics.fmean(values)
 
 
 def median_epoch_seconds(run: Path, phase: str) -> float:
