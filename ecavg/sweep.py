@@ -118,7 +118,9 @@ def run_sweep(
             results = run_experiment(user, data_dir=data_dir, output_dir=run_dir)
         rows.append({"point": {k: parse_override(f"{k}={v}")[1] for k, v in assignment}, "run": run_dir.name,
                      **run_summary(results)})
-    write_sweep_outputs(out, [k for k, _ in grid], rows, base)
+    # Described from the first point: the base alone need not be a valid config (e.g. --set pretrained=FILE with
+    # --grid init=pretrained), only every point must be.
+    write_sweep_outputs(out, [k for k, _ in grid], rows, configs[0])
     return rows
 
 

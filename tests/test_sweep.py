@@ -56,3 +56,18 @@ def test_sweep_checks_every_point_before_running(tmp_path, capsys):
     assert code == 2
     assert "data.partition" in capsys.readouterr().err
     assert not any((tmp_path / "s").glob("*/results.json"))
+
+
+def test_sweep_base_need_not_be_valid_alone(tmp_path):
+    """--set pretrained=FILE is only valid with init = "pretrained", which the grid sets for every point."""
+    from ecavg.core.serialization import save_state_dict
+    from ecavg.models import build_model
+
+    weights = tmp_path / "start.safetensors"
+    save_state_dict(weights, build_model("mlp", num_classes=10, in_channels=1, image_size=28,
+                                         options={"hidden": 32}).state_dict())
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--config", str(QUICKSTART), "--output", str(out), "--set", "data.train_fraction=0.2",
+                 "--set", "model.hidden=32", "--set", "edge.epochs=1", "--set", "server.epochs=1",
+                 "--set", f"pretrained={weights}", "--grid", "init=pretrained", "--grid", "strategy=ecavg,local"]) == 0
+    assert "| pretrained | ecavg |" in (out / "sweep.md").read_text()
