@@ -20,8 +20,9 @@ Directives (paths are relative to the repository root):
 ``@@curve RUN IMAGE`` (a line of its own)
     Draws the run's per-epoch training curves (metrics.jsonl) into IMAGE and links it.
 ``{{acc RUN FIELD}}`` (inline)
-    One accuracy in % (a RUN with ``*`` in it: the mean over the runs it matches), FIELD one of ``edge_before``, ``edge_after`` (means over edges), ``server_averaged``,
-    ``server_finetuned``; ``{{time RUN}}`` the run's total seconds, as minutes; ``{{epoch_s RUN PHASE}}`` the
+    One accuracy in % (a RUN with ``*`` in it: the mean over the runs it matches), FIELD one of ``edge_before``,
+    ``edge_after`` (means over edges), ``worst_edge_change`` (the least-gaining edge's after minus before),
+    ``server_averaged``, ``server_finetuned``; ``{{time RUN}}`` the run's total seconds, as minutes; ``{{epoch_s RUN PHASE}}`` the
     median seconds of one epoch of PHASE (``pretrain``, ``finetune``, ``centralized``, ...).
 ``{{pp RUN_A FIELD_A RUN_B FIELD_B}}`` (inline)
     A minus B in percentage points, signed.
@@ -46,10 +47,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SOURCES = REPO_ROOT / "docs" / "src"
 OUTPUT_DIR = REPO_ROOT / "docs"
 
-FIELDS = ("edge_before", "edge_after", "server_averaged", "server_finetuned")
+FIELDS = ("edge_before", "edge_after", "worst_edge_change", "server_averaged", "server_finetuned")
 FIELD_TITLES = {
     "edge_before": "edge acc. before update",
     "edge_after": "edge acc. after update",
+    "worst_edge_change": "worst edge's change (pp)",
     "server_averaged": "server, averaged",
     "server_finetuned": "server, fine-tuned/trained",
 }
@@ -74,6 +76,14 @@ def load_results(run: Path) -> dict[str, Any]:
     if not path.is_file():
         raise DocError(f"no results.json in {run.relative_to(REPO_ROOT) if run.is_absolute() else run}")
     return json.loads(path.read_text())
+
+
+def figures(results: dict[str, Any]) -> dict[str, float | None]:
+    """A run's figures for the tables: ``ecavg sweep``'s summary plus the change the update brought to the edge
+    that gained least (negative: the update hurt that edge), which a mean over edges hides."""
+    changes = [e["accuracy_after"] - e["accuracy_before"] for e in results["edges"]
+               if e["accuracy_after"] is not None and e["accuracy_before"] is not None]
+    return {**run_summary(results), "worst_edge_change": min(changes) if changes else None}
 
 
 def pct(value: float | None) -> str:
@@ -104,7 +114,7 @@ def render_strategies(args: list[str]) -> str:
     for strategy in STRATEGY_ORDER:
         run = directory / f"strategy={strategy}"
         if run.is_dir():
-            runs[strategy] = (run, run_summary(load_results(run)))
+            runs[strategy] = (run, figures(load_results(run)))
     if not runs:
         raise DocError(f"no strategy=* runs in {args[0]}")
     lines = [
@@ -112,7 +122,7 @@ def render_strategies(args: list[str]) -> str:
         "|---|" + "---:|" * len(FIELDS) + "---:|---|",
     ]
     if paper:
-        cells = [paper.get("paper_before", "-"), paper.get("paper_after", "-"), "-", "-"]
+        cells = [paper.get("paper_before", "-"), paper.get("paper_after", "-"), "-", "-", "-"]
         lines.append("| paper (ECAvg) | " + " | ".join(cells) + " | - | - |")
     for strategy, (run, s) in runs.items():
         lines.append(f"| {STRATEGY_TITLES[strategy]} | " + " | ".join(pct(s[f]) for f in FIELDS)
@@ -149,7 +159,7 @@ def render_sweep(args: list[str]) -> str:
     for directory, keys, rows in sweeps:
         for row in rows:
             ident = (rel(directory),) + tuple(row.get(k, "") for k in columns)
-            groups.setdefault(ident, []).append(run_summary(load_results(directory / row["run"])))
+            groups.setdefault(ident, []).append(figures(load_results(directory / row["run"])))
     lines = [
         "| " + " | ".join(columns + (["seeds"] if with_seeds else []) + [FIELD_TITLES[f] for f in FIELDS])
         + " | wall time |",
@@ -250,7 +260,7 @@ def field_value(run_arg: str, field: str) -> float:
     runs = sorted(REPO_ROOT.glob(run_arg)) if "*" in run_arg else [REPO_ROOT / run_arg]
     if not runs:
         raise DocError(f"no runs match {run_arg}")
-    values = [run_summary(load_results(run))[field] for run in runs]
+    values = [figures(load_results(run))[field] for run in runs]
     if any(v is None for v in values):
         raise DocError(f"{run_arg} has no {field}")
     return statistics.fmean(values)
@@ -277,7 +287,7 @@ def render_inline(match: re.Match) -> str:
     if verb == "epoch_s" and len(args) == 2:
         return f"{median_epoch_seconds(REPO_ROOT / args[0], args[1]):.1f} s"
     if verb == "time" and len(args) == 1:
-        return minutes(run_summary(load_results(REPO_ROOT / args[0]))["total_s"])
+        return minutes(figures(load_results(REPO_ROOT / args[0]))["total_s"])
     raise DocError(f"bad inline directive {{{{{match.group(1)}}}}}")
 
 
