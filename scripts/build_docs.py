@@ -239,7 +239,8 @@ def render_curve(args: list[str]) -> str:
         ax.plot(xs, [100 * a for _, a, _ in points], marker=".", label=f"{label} (train)")
         tests = [(x, t) for x, (_, _, t) in zip(xs, points) if t is not None]
         if tests:
-            ax.plot([x for x, _ in tests], [100 * t for _, t in tests], linestyle="--", label=f"{label} (test)")
+            ax.plot([x for x, _ in tests], [100 * t for _, t in tests], linestyle="--", marker="x",
+                    label=f"{label} (test)")
         if "edge" in label:
             offset = max(offset, xs[-1])
     ax.set_xlabel("epoch (edges' pre-training, then the server's)")
