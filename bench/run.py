@@ -91,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             from bench import training
 
             bench = training.Workbench(args.data_dir, args.cache_dir)
-            models = args.models.split(",") if args.models else ("mobilenet_v2", "resnet18")
-            body = training.run_experiments(models, quick=args.quick, bench=bench)
+            chosen = {"models": args.models.split(",")} if args.models else {}
+            body = training.run_experiments(**chosen, quick=args.quick, bench=bench)
         elif name == "e2e":
             from bench import e2e
 

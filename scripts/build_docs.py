@@ -218,8 +218,12 @@ def render_curve(args: list[str]) -> str:
 
     run, image = REPO_ROOT / args[0], REPO_ROOT / args[1]
     link = f"![training curves of {rel(run)}]({os.path.relpath(image, REPO_ROOT / 'docs')})"
-    if CHECK_ONLY and image.is_file():
-        return link  # the text is what --check compares; pixels may differ between matplotlib versions
+    if CHECK_ONLY:
+        # The text is what --check compares (pixels may differ between matplotlib versions); a missing image is
+        # an error rather than something --check would write.
+        if not image.is_file():
+            raise DocError(f"{args[1]} is missing (run python scripts/build_docs.py)")
+        return link
     metrics_path = run / "metrics.jsonl"
     if not metrics_path.is_file():
         raise DocError(f"no metrics.jsonl in {args[0]}")
