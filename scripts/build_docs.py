@@ -99,7 +99,7 @@ def pct_spread(values: list[float | None]) -> str:
     return f"{100 * statistics.fmean(present):.2f} ± {100 * statistics.pstdev(present):.2f}"
 
 
-def minutes(seconds: float) -> str:
+def duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
@@ -126,7 +126,7 @@ def render_strategies(args: list[str]) -> str:
         lines.append("| paper (ECAvg) | " + " | ".join(cells) + " | - | - |")
     for strategy, (run, s) in runs.items():
         lines.append(f"| {STRATEGY_TITLES[strategy]} | " + " | ".join(pct(s[f]) for f in FIELDS)
-                     + f" | {minutes(s['total_s'])} | [{run.name}](../{rel(run)}/results.md) |")
+                     + f" | {duration(s['total_s'])} | [{run.name}](../{rel(run)}/results.md) |")
     lines.append("")
     lines.append("Accuracies in %; edges on their own test partitions (mean over edges), the server on the full "
                  "test set.")
@@ -168,7 +168,7 @@ def render_sweep(args: list[str]) -> str:
     for ident, members in groups.items():
         cells = list(ident[1:]) + ([str(len(members))] if with_seeds else [])
         cells += [pct_spread([m[f] for m in members]) for f in FIELDS]
-        cells.append(minutes(statistics.fmean(m["total_s"] for m in members)))
+        cells.append(duration(statistics.fmean(m["total_s"] for m in members)))
         lines.append("| " + " | ".join(c or "·" for c in cells) + " |")
     lines.append("")
     lines.append("Accuracies in %" + ("; mean ± standard deviation over seeds" if with_seeds else "")
@@ -292,7 +292,7 @@ def render_inline(match: re.Match) -> str:
     if verb == "epoch_s" and len(args) == 2:
         return f"{median_epoch_seconds(REPO_ROOT / args[0], args[1]):.1f} s"
     if verb == "time" and len(args) == 1:
-        return minutes(figures(load_results(REPO_ROOT / args[0]))["total_s"])
+        return duration(run_summary(load_results(REPO_ROOT / args[0]))["total_s"])
     raise DocError(f"bad inline directive {{{{{match.group(1)}}}}}")
 
 
