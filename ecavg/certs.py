@@ -27,12 +27,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from ecavg.errors import CertificateError
 
 DEFAULT_DAYS = 365
 
-
-class CertificateError(ValueError):
-    """Credentials cannot be written (existing files, bad host names); the message names the path or host."""
 
 
 @dataclass

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import ecavg
+from ecavg.errors import DeployError
 from ecavg.config import ConfigError, resolve_config
 from ecavg.experiment import RUN_CONFIG, default_output_dir
 
@@ -43,9 +44,6 @@ FAILURE_FILE = "failure.json"  # written by the ServerApp when the run stops (se
 STOP_GRACE_S = 10.0
 STARTUP_TIMEOUT_S = 60.0
 
-
-class DeployError(RuntimeError):
-    """The deployment could not run the experiment; the message says what failed and where the logs are."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -518,7 +516,7 @@ def save_run_log(run_cli: Callable[..., subprocess.CompletedProcess], run_id: in
 
 def prepare_config(user: Mapping[str, Any], *, edges: int | None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(resolved experiment config, checked [deploy] table) from a raw config."""
-    from ecavg.runtime.deploy_settings import check_data_policy, deploy_settings
+    from ecavg.config.deploy import check_data_policy, deploy_settings
 
     rest = dict(user)
     if edges is not None:

@@ -25,7 +25,7 @@ from ecavg.core.serialization import encode_state_dict  # noqa: E402
 from ecavg.deploy import DeployError, deploy_local  # noqa: E402
 from ecavg.experiment import run_experiment  # noqa: E402
 from ecavg.runtime.flower import wire  # noqa: E402
-from ecavg.runtime.deploy_settings import check_data_policy, deploy_settings  # noqa: E402
+from ecavg.config.deploy import check_data_policy, deploy_settings  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 QUICKSTART = REPO / "configs" / "quickstart.toml"

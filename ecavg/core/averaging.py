@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+from ecavg.errors import AggregationError
 
 __all__ = ["AggregationError", "StreamingAverager", "average_state_dicts"]
 
@@ -37,9 +38,6 @@ _MAX_KEYS_IN_MESSAGE = 8
 # ResNet50 state dict has ~320 tensors, so on a GPU one launch per tensor would dominate the runtime.
 _HAS_FOREACH = all(hasattr(torch, op) for op in ("_foreach_add_", "_foreach_norm", "_foreach_mul_", "_foreach_div"))
 
-
-class AggregationError(ValueError):
-    """A state dict (or weight) that cannot be averaged; the message names the edge and the tensor."""
 
 
 def _format_keys(keys: Iterable[str]) -> str:

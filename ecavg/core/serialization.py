@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as _safetensors_load
 from safetensors.torch import save as _safetensors_save
 from torch import Tensor
+from ecavg.errors import WeightsError
 
 __all__ = [
     "WeightsError",
@@ -40,9 +41,6 @@ _HEADER_LENGTH_BYTES = 8
 # Same cap the safetensors library applies; a larger header is garbage or an attack, not a model.
 _MAX_HEADER_BYTES = 100_000_000
 
-
-class WeightsError(ValueError):
-    """Weights that cannot be encoded, decoded or loaded; the message names the source and the tensor."""
 
 
 def state_dict_nbytes(state_dict: Mapping[str, Tensor]) -> int:

@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
+from ecavg.errors import NonFiniteLossError
 
 log = logging.getLogger("ecavg")
 
@@ -36,9 +37,6 @@ class TrainingSettings:
         values.update(override)
         return cls(**values)
 
-
-class NonFiniteLossError(RuntimeError):
-    """Training diverged: the loss became NaN or infinite (usually a learning rate that is too high)."""
 
 
 def _make_optimizer(model: nn.Module, s: TrainingSettings) -> torch.optim.Optimizer:

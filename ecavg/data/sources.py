@@ -34,6 +34,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
+from ecavg.errors import DataError
 
 __all__ = [
     "DATASET_NAMES",
@@ -68,9 +69,6 @@ _GREY_PIL_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L"
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _DECODE_CHUNK = 4096
 
-
-class DataError(ValueError):
-    """A dataset could not be found or read; the message names the path involved."""
 
 
 @dataclass

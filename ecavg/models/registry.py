@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from ecavg.errors import ModelError
 
 __all__ = [
     "ModelError",
@@ -25,9 +26,6 @@ __all__ = [
     "HEAD_MODULE_NAMES",
 ]
 
-
-class ModelError(ValueError):
-    """A model cannot be built or weights cannot be loaded; the message names the model, option, key or path."""
 
 
 # Top-level module names that hold a classifier head: torchvision's names plus our `classifier`.

@@ -27,6 +27,7 @@ import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from ecavg.errors import EdgeSetupError
 from ecavg.config import model_options, resolve_config
 from ecavg.core.participants import EdgeWorker, ModelFactory, resolve_device
 from ecavg.core.serialization import decode_state_dict, encode_state_dict
@@ -34,15 +35,12 @@ from ecavg.core.training import TrainingSettings
 from ecavg.data import ImageDataset, load_dataset, partition_indices
 from ecavg.experiment import _train_subset, build_edges_and_server
 from ecavg.runtime.flower import wire
-from ecavg.runtime.deploy_settings import deploy_settings
+from ecavg.config.deploy import deploy_settings
 
 log = logging.getLogger("ecavg")
 
 client_app = ClientApp()
 
-
-class EdgeSetupError(ValueError):
-    """This SuperNode cannot act as an edge of the run (node config, data or spec mismatch)."""
 
 
 @dataclass

@@ -25,6 +25,7 @@ import torch
 from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from ecavg.errors import DeploymentError, EdgeQuorumError
 from ecavg.config import resolve_config
 from ecavg.core.checkpoint import PhaseStore, write_text_atomic
 from ecavg.core.participants import DataSpec, ServerWorker
@@ -34,7 +35,7 @@ from ecavg.data import ImageDataset, load_dataset
 from ecavg.experiment import _prepare_output, build_edges_and_server, prepare_compute
 from ecavg.report import build_results, write_outputs
 from ecavg.runtime.flower import wire
-from ecavg.runtime.deploy_settings import (
+from ecavg.config.deploy import (
     DeploySettings,
     check_data_policy,
     deploy_settings,
@@ -52,12 +53,6 @@ TTL_GRACE_S = 60.0
 server_app = ServerApp()
 
 
-class EdgeQuorumError(RuntimeError):
-    """Fewer edges than ``deploy.min_edges`` took part in a phase; the run cannot go on."""
-
-
-class DeploymentError(RuntimeError):
-    """The federation does not fit the run (duplicate partition ids, ...)."""
 
 
 class SkipFinetuneServer(ServerWorker):

@@ -10,15 +10,14 @@ import copy
 import math
 from pathlib import Path
 from typing import Any, Callable, Mapping
+from ecavg.config.deploy import deploy_settings
+from ecavg.errors import ConfigError
 
 try:  # Python 3.11+
     import tomllib
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-
-class ConfigError(ValueError):
-    """A config key or value is wrong; the message names it."""
 
 
 STRATEGIES = ("ecavg", "fedavg", "local", "centralized")
@@ -220,10 +219,6 @@ def resolve_config(user: Mapping[str, Any] | None = None) -> dict[str, Any]:
     cfg = copy.deepcopy(DEFAULTS)
     _merge(cfg, user, CHECKS)
     _check_consistency(cfg)
-    # [deploy] (used by Flower deployments only) is checked where it is defined; imported here, not at the top,
-    # because that module imports this one.
-    from ecavg.runtime.deploy_settings import deploy_settings
-
     if deploy is not None and not isinstance(deploy, Mapping):
         raise ConfigError(f"config key 'deploy' must be a table ([deploy]), got {deploy!r}")
     cfg["deploy"] = deploy_settings(deploy, num_edges=cfg["data"]["num_edges"]).to_dict()

@@ -11,7 +11,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
-from ecavg.config import ConfigError
+from ecavg.errors import ConfigError
 
 SECTION = "deploy"
 SHARE_DATA_POLICIES = ("full", "none")
