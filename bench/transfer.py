@@ -200,12 +200,13 @@ def codec_accuracy(config: Mapping[str, Any], codecs: Sequence[str] = tuple(CODE
     from ecavg.config import resolve_config
     from ecavg.core.averaging import StreamingAverager
     from ecavg.data import load_dataset
-    from ecavg.experiment import build_edges_and_server
+    from ecavg.runtime.setup import build_participants
 
     logging.getLogger("ecavg").setLevel(logging.WARNING)
     cfg = resolve_config(dict(config))
     splits = _test_subset(load_dataset(cfg["data"]["dataset"], data_dir), test_size)
-    edges, union, server = build_edges_and_server(cfg, splits, torch.device("cpu"))
+    p = build_participants(cfg, splits, torch.device("cpu"))
+    edges, union, server = p.edges, p.union, p.server
     started = time.perf_counter()
     # The shared init is derived from the seed on every side, so it never crosses the wire.
     init = {k: v.detach().cpu().clone() for k, v in server.new_model().state_dict().items()}
@@ -220,10 +221,10 @@ def codec_accuracy(config: Mapping[str, Any], codecs: Sequence[str] = tuple(CODE
         up_bytes = 0
         up_error = 0.0
         for edge, out in zip(edges, trained):
-            received, nbytes = roundtrip(codec, out["weights"], init, name=edge.name)
+            received, nbytes = roundtrip(codec, out.weights, init, name=edge.name)
             up_bytes += nbytes
-            up_error = max(up_error, relative_error(out["weights"], received))
-            averager.add(received, out["num_samples"], name=edge.name)
+            up_error = max(up_error, relative_error(out.weights, received))
+            averager.add(received, out.num_samples, name=edge.name)
         averaged = averager.result()
         accuracy_averaged = server.evaluate(averaged)
         finetuned, history = server.train(averaged, union, phase="finetune", epochs=cfg["server"]["epochs"])
@@ -231,7 +232,7 @@ def codec_accuracy(config: Mapping[str, Any], codecs: Sequence[str] = tuple(CODE
         sent, down_bytes = roundtrip(codec, finetuned, init, name="server")
         down_error = relative_error(finetuned, sent)
         evaluations = [edge.evaluate(sent) for edge in edges]
-        after = sum(e["accuracy"] * e["test_samples"] for e in evaluations) / sum(e["test_samples"] for e in evaluations)
+        after = sum(e.accuracy * e.test_samples for e in evaluations) / sum(e.test_samples for e in evaluations)
         results[name] = {
             "uplink_bytes_per_edge": up_bytes // len(edges), "downlink_bytes_per_edge": down_bytes,
             "uplink_relative_error": up_error, "downlink_relative_error": down_error,
@@ -247,7 +248,7 @@ def codec_accuracy(config: Mapping[str, Any], codecs: Sequence[str] = tuple(CODE
         rows.append([name, r.get("bytes_ratio_to_fp32"), r["uplink_relative_error"], r["accuracy_averaged"],
                      r.get("delta_accuracy_averaged"), r["accuracy_edges_after_update"],
                      r.get("delta_accuracy_after_update")])
-    before = sum(o["accuracy"] * o["test_samples"] for o in trained) / sum(o["test_samples"] for o in trained)
+    before = sum(o.accuracy * o.test_samples for o in trained) / sum(o.test_samples for o in trained)
     print_table(
         f"Codecs on a short ECAvg run ({cfg['model']['name']}, {cfg['data']['dataset']} x{cfg['data']['train_fraction']}, "
         f"edges {cfg['edge']['epochs']} ep, server {cfg['server']['epochs']} ep, {len(splits.test)} test images; "

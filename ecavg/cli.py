@@ -1,4 +1,4 @@
-"""Command line: ``ecavg run``."""
+"""Command line: ``ecavg run``, ``sweep``, ``deploy``, ``certs`` and ``options``."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if args.output is None:
             # Fixed here so that an interruption can name the directory to resume.
             from ecavg.config import resolve_config
-            from ecavg.experiment import default_output_dir
+            from ecavg.runtime.setup import default_output_dir
 
             args.output = default_output_dir(resolve_config(user))
         if args.runtime == "flower-sim":
@@ -131,6 +131,25 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_options(args: argparse.Namespace) -> int:
+    """Every choice made through a registry, its options and the config keys they add."""
+    from ecavg.config import schema
+    from ecavg.core.options import REGISTRIES
+
+    defaults = schema()[0]
+    for registry in REGISTRIES:
+        print(f"{registry.selector} (default {registry.default!r}):")
+        for option in registry:
+            print(f"  {option.name:<12} {option.summary}")
+            for dotted, key in getattr(option, "keys", {}).items():
+                node = defaults
+                for part in dotted.split("."):
+                    node = node[part]
+                print(f"  {'':<12}   {dotted} = {node!r}{'  ' + key.doc if key.doc else ''}")
+        print()
+    return 0
+
+
 class _UsageError(Exception):
     pass
 
@@ -141,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run one experiment in this process (all edges simulated)")
+    run = sub.add_parser("run", help="run one experiment in this process (all edges simulated)",
+                         epilog="`ecavg options` lists every strategy and option with its config keys.")
     _add_run_arguments(run)
     run.add_argument("--resume", type=Path, metavar="DIR", help="continue an interrupted run in DIR")
     run.add_argument("--runtime", choices=("embedded", "flower-sim"), default="embedded",
@@ -180,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--no-follow", action="store_true", help="return after submitting")
     submit.add_argument("--timeout", type=float, metavar="SECONDS", help="stop following after this long")
     submit.set_defaults(func=_cmd_deploy)
+
+    options = sub.add_parser("options", help="list the strategies, aggregation rules, server objectives, ... and "
+                                                 "the config keys each adds")
+    options.set_defaults(func=_cmd_options)
 
     certs = sub.add_parser("certs", help="make a CA, a SuperLink TLS certificate and SuperNode key pairs")
     certs.add_argument("--out", "-o", type=Path, required=True, help="directory for the files")

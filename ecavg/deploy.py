@@ -35,7 +35,7 @@ from typing import Any, Callable, Mapping
 import ecavg
 from ecavg.errors import DeployError
 from ecavg.config import ConfigError, resolve_config
-from ecavg.experiment import RUN_CONFIG, default_output_dir
+from ecavg.runtime.setup import RUN_CONFIG, default_output_dir
 
 log = logging.getLogger("ecavg")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ecavg.core.checkpoint import write_text_atomic
-from ecavg.core.protocol import ATTACHED, Outcome
+from ecavg.core.records import SAME_AS_SERVER, Outcome
 from ecavg.core.serialization import save_state_dict
 
 SCHEMA_VERSION = 1
@@ -134,7 +134,7 @@ def write_outputs(out_dir: Path, results: Mapping[str, Any], outcome: Outcome) -
         save_state_dict(server_path, outcome.server_weights)
     for name, weights in outcome.edge_weights.items():
         path = out_dir / f"{name}.safetensors"
-        if isinstance(weights, str) and weights == ATTACHED:
+        if weights is SAME_AS_SERVER:
             _link_or_copy(server_path, path)
         else:
             save_state_dict(path, weights)

@@ -18,7 +18,8 @@ from typing import Any, Mapping, Sequence
 
 from ecavg.config import ConfigError, apply_overrides, parse_override, resolve_config
 from ecavg.core.checkpoint import write_text_atomic
-from ecavg.experiment import RUN_CONFIG, run_experiment
+from ecavg.experiment import run_experiment
+from ecavg.runtime.setup import RUN_CONFIG
 
 log = logging.getLogger("ecavg")
 

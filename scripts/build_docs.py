@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from ecavg.core.strategies import STRATEGIES  # noqa: E402
 from ecavg.sweep import run_summary  # noqa: E402  (the same per-run figures as `ecavg sweep` tables)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -55,13 +56,8 @@ FIELD_TITLES = {
     "server_averaged": "server, averaged",
     "server_finetuned": "server, fine-tuned/trained",
 }
-STRATEGY_ORDER = ("ecavg", "centralized", "local", "fedavg")
-STRATEGY_TITLES = {
-    "ecavg": "ECAvg",
-    "centralized": "centralized (server only, same server epochs)",
-    "local": "local-only edges",
-    "fedavg": "FedAvg (same total epochs)",
-}
+STRATEGY_ORDER = STRATEGIES.names()
+STRATEGY_TITLES = {strategy.name: strategy.title for strategy in STRATEGIES}
 
 
 CHECK_ONLY = False  # set by --check: nothing is written

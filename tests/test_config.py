@@ -4,7 +4,7 @@ import pytest
 
 from ecavg.config import (
     ConfigError,
-    DEFAULTS,
+    defaults,
     apply_overrides,
     load_toml,
     model_options,
@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_defaults_resolve():
     cfg = resolve_config({})
-    assert cfg == resolve_config(DEFAULTS)
+    assert cfg == resolve_config(defaults())
     assert cfg["strategy"] == "ecavg" and cfg["data"]["num_edges"] == 2
 
 

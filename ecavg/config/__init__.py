@@ -2,7 +2,9 @@
 
 from ecavg.config.deploy import DeploySettings, check_data_policy, deploy_settings
 from ecavg.config.experiment import (
-    DEFAULTS,
+    defaults,
+    schema,
+    strategy_of,
     apply_overrides,
     load_toml,
     model_options,
@@ -13,15 +15,17 @@ from ecavg.config.experiment import (
 from ecavg.errors import ConfigError
 
 __all__ = [
-    "DEFAULTS",
     "ConfigError",
     "DeploySettings",
     "apply_overrides",
     "check_data_policy",
+    "defaults",
     "deploy_settings",
     "load_toml",
     "model_options",
     "parse_override",
     "resolve_config",
+    "schema",
+    "strategy_of",
     "to_toml",
 ]

@@ -99,17 +99,22 @@ def deploy_settings(section: Mapping[str, Any] | None, *, num_edges: int | None 
 
 def server_training_needs_edge_data(cfg: Mapping[str, Any]) -> bool:
     """Whether this run trains on the server at all (and so, with share_data = "full", needs the edges' data)."""
-    return (cfg["strategy"] in ("ecavg", "centralized") or (cfg["init"] == "warmup" and cfg["warmup"]["epochs"] > 0)
-            or bool(cfg["bn_recalibration"]))
+    from ecavg.core.strategies import STRATEGIES
+
+    return (STRATEGIES.get(cfg["strategy"]).server_training != "none"
+            or (cfg["init"] == "warmup" and cfg["warmup"]["epochs"] > 0) or bool(cfg["bn_recalibration"]))
 
 
 def check_data_policy(cfg: Mapping[str, Any], settings: DeploySettings) -> str | None:
     """Raise ConfigError for runs the policy cannot serve; return a note when fine-tuning will be skipped."""
     if settings.share_data == "full" or settings.server_data:
         return None
+    from ecavg.core.strategies import STRATEGIES
+
+    strategy = STRATEGIES.get(cfg["strategy"])
     needs = []
-    if cfg["strategy"] == "centralized":
-        needs.append('strategy = "centralized"')
+    if strategy.server_training == "required":
+        needs.append(f'strategy = "{strategy.name}"')
     if cfg["init"] == "warmup" and cfg["warmup"]["epochs"] > 0:
         needs.append('init = "warmup"')
     if cfg["bn_recalibration"]:
@@ -119,7 +124,7 @@ def check_data_policy(cfg: Mapping[str, Any], settings: DeploySettings) -> str |
             f"{' and '.join(needs)} trains on the server, but {SECTION}.share_data = \"none\" gives it no data; "
             f"set {SECTION}.server_data to a dataset of the server's own or use {SECTION}.share_data = \"full\""
         )
-    if cfg["strategy"] == "ecavg":
+    if strategy.server_training == "optional":
         return ('server fine-tuning skipped: deploy.share_data = "none" and no deploy.server_data, '
                 'so this run is a one-shot FedAvg (the averaged weights are sent back as they are)')
     return None

@@ -7,11 +7,14 @@ in a TOML file or a ``--set`` fails before any training starts, with a message n
 from __future__ import annotations
 
 import copy
-import math
+import functools
 from pathlib import Path
 from typing import Any, Callable, Mapping
+from ecavg.config.checks import boolean, choice, int_at_least, is_number, number_in, string
 from ecavg.config.deploy import deploy_settings
 from ecavg.errors import ConfigError
+
+import tomli_w
 
 try:  # Python 3.11+
     import tomllib
@@ -20,7 +23,6 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 
 
 
-STRATEGIES = ("ecavg", "fedavg", "local", "centralized")
 INITS = ("random", "pretrained", "warmup")
 PARTITIONS = ("iid", "ratio", "dirichlet", "shards")
 AUGMENTS = ("auto", "none", "flip", "crop", "crop+flip")
@@ -41,14 +43,18 @@ _TRAINING_DEFAULTS: dict[str, Any] = {
     "label_smoothing": 0.0,
 }
 
-DEFAULTS: dict[str, Any] = {
+# The keys every run has. The choices made through a registry (strategy, aggregation, server.objective, ...)
+# and the keys their options add come from ``ecavg.core.options`` (see ``schema``).
+_BASE_DEFAULTS: dict[str, Any] = {
     "name": "",
-    "strategy": "ecavg",
     "seed": 0,
     "init": "random",
     "shared_init": True,
     "pretrained": "",
     "bn_recalibration": False,
+    # The share of each edge's training data (seeded, class-stratified) that the server holds and fine-tunes
+    # on; 0: none (ECAvg becomes one-shot averaging).
+    "server_data_fraction": 1.0,
     "device": "auto",
     "threads": 0,
     "eval_each_epoch": True,
@@ -71,100 +77,100 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
-
-
-def _choice(options: tuple[str, ...]) -> Callable[[Any], str | None]:
-    def check(v: Any) -> str | None:
-        return None if v in options else f"must be one of {', '.join(options)}"
-
-    return check
-
-
-def _int_at_least(lo: int) -> Callable[[Any], str | None]:
-    def check(v: Any) -> str | None:
-        return None if _is_int(v) and v >= lo else f"must be an integer >= {lo}"
-
-    return check
-
-
-def _number_in(lo: float, hi: float, *, lo_open: bool = False) -> Callable[[Any], str | None]:
-    def check(v: Any) -> str | None:
-        ok = _is_number(v) and (v > lo if lo_open else v >= lo) and v <= hi
-        bracket = "(" if lo_open else "["
-        return None if ok else f"must be a number in {bracket}{lo}, {hi}]"
-
-    return check
-
-
-def _bool(v: Any) -> str | None:
-    return None if isinstance(v, bool) else "must be true or false"
-
-
-def _str(v: Any) -> str | None:
-    return None if isinstance(v, str) else "must be a string"
-
-
 def _ratios(v: Any) -> str | None:
-    if not isinstance(v, list) or not all(_is_number(x) and x > 0 for x in v):
+    if not isinstance(v, list) or not all(is_number(x) and x > 0 for x in v):
         return "must be a list of positive numbers"
     return None
 
 
 def _device(v: Any) -> str | None:
-    if isinstance(v, str) and (v in ("auto", "cpu", "cuda", "mps") or v.startswith("cuda:")):
+    if isinstance(v, str) and (v in ("auto", "cpu", "cuda", "mps") or (v.startswith("cuda:") and v[5:].isdigit())):
         return None
     return "must be auto, cpu, cuda, cuda:N or mps"
 
 
 _TRAINING_CHECKS: dict[str, Callable[[Any], str | None]] = {
-    "epochs": _int_at_least(0),
-    "batch_size": _int_at_least(1),
-    "lr": _number_in(0.0, 100.0, lo_open=True),
-    "optimizer": _choice(OPTIMIZERS),
-    "momentum": _number_in(0.0, 1.0),
-    "nesterov": _bool,
-    "weight_decay": _number_in(0.0, 1.0),
-    "schedule": _choice(SCHEDULES),
-    "label_smoothing": _number_in(0.0, 1.0),
+    "epochs": int_at_least(0),
+    "batch_size": int_at_least(1),
+    "lr": number_in(0.0, 100.0, lo_open=True),
+    "optimizer": choice(OPTIMIZERS),
+    "momentum": number_in(0.0, 1.0),
+    "nesterov": boolean,
+    "weight_decay": number_in(0.0, 1.0),
+    "schedule": choice(SCHEDULES),
+    "label_smoothing": number_in(0.0, 1.0),
 }
 
-CHECKS: dict[str, Any] = {
-    "name": _str,
-    "strategy": _choice(STRATEGIES),
-    "seed": _int_at_least(0),
-    "init": _choice(INITS),
-    "shared_init": _bool,
-    "pretrained": _str,
-    "bn_recalibration": _bool,
+_BASE_CHECKS: dict[str, Any] = {
+    "name": string,
+    "seed": int_at_least(0),
+    "init": choice(INITS),
+    "shared_init": boolean,
+    "pretrained": string,
+    "bn_recalibration": boolean,
+    "server_data_fraction": number_in(0.0, 1.0),
     "device": _device,
-    "threads": _int_at_least(0),
-    "eval_each_epoch": _bool,
+    "threads": int_at_least(0),
+    "eval_each_epoch": boolean,
     "data": {
-        "dataset": _str,
-        "partition": _choice(PARTITIONS),
-        "num_edges": _int_at_least(1),
+        "dataset": string,
+        "partition": choice(PARTITIONS),
+        "num_edges": int_at_least(1),
         "ratios": _ratios,
-        "alpha": _number_in(0.0, 1e6, lo_open=True),
-        "labels_per_edge": _int_at_least(1),
-        "augment": _choice(AUGMENTS),
-        "train_fraction": _number_in(0.0, 1.0, lo_open=True),
-        "download": _bool,
+        "alpha": number_in(0.0, 1e6, lo_open=True),
+        "labels_per_edge": int_at_least(1),
+        "augment": choice(AUGMENTS),
+        "train_fraction": number_in(0.0, 1.0, lo_open=True),
+        "download": boolean,
     },
-    "model": {"name": _str},  # other [model] keys are model options, checked by the model registry
+    "model": {"name": string},  # other [model] keys are model options, checked by the model registry
     "edge": _TRAINING_CHECKS,
     "server": _TRAINING_CHECKS,
-    "warmup": {"epochs": _int_at_least(0), "data_fraction": _number_in(0.0, 1.0, lo_open=True)},
-    "fedavg": {"rounds": _int_at_least(1)},
+    "warmup": {"epochs": int_at_least(0), "data_fraction": number_in(0.0, 1.0, lo_open=True)},
+    "fedavg": {"rounds": int_at_least(1)},
 }
 
 # Sections whose extra keys are passed on (model options) rather than rejected.
 _OPEN_SECTIONS = {"model"}
+
+
+def _place(defaults: dict[str, Any], checks: dict[str, Any], dotted: str, default: Any, check: Any) -> None:
+    *sections, key = dotted.split(".")
+    for section in sections:
+        defaults = defaults.setdefault(section, {})
+        checks = checks.setdefault(section, {})
+    defaults[key] = default
+    checks[key] = check
+
+
+def _copy_tables(tree: Mapping[str, Any]) -> dict[str, Any]:
+    # Not deepcopy: [edge] and [server] share one checks table, and an option may add a key to one of them.
+    return {k: _copy_tables(v) if isinstance(v, Mapping) else copy.deepcopy(v) for k, v in tree.items()}
+
+
+@functools.cache
+def schema() -> tuple[dict[str, Any], dict[str, Any]]:
+    """(defaults, checks) of every config key: the base keys plus each registry's selector and option keys."""
+    from ecavg.core.options import REGISTRIES  # imports torch; the config module itself stays light
+
+    defaults, checks = _copy_tables(_BASE_DEFAULTS), _copy_tables(_BASE_CHECKS)
+    for registry in REGISTRIES:
+        _place(defaults, checks, registry.selector, registry.default, choice(registry.names()))
+        for dotted, key in registry.keys().items():
+            _place(defaults, checks, dotted, key.default, key.check)
+    return defaults, checks
+
+
+def defaults() -> dict[str, Any]:
+    """A fresh copy of every key's default value."""
+    return copy.deepcopy(schema()[0])
+
+
+def strategy_of(cfg: Mapping[str, Any]):
+    """The strategy class a resolved config selects (what it needs: edge models, server training)."""
+    from ecavg.core.strategies import STRATEGIES
+
+    return STRATEGIES.get(cfg["strategy"])
 
 
 def _merge(base: dict[str, Any], override: Mapping[str, Any], checks: Mapping[str, Any], path: str = "") -> None:
@@ -206,8 +212,17 @@ def _check_consistency(cfg: dict[str, Any]) -> None:
         raise ConfigError("pretrained is set but init is not \"pretrained\"; set init = \"pretrained\" or remove pretrained")
     if not cfg["shared_init"] and cfg["init"] != "random":
         raise ConfigError(f"shared_init = false gives every edge its own random init; it cannot be combined with init = \"{cfg['init']}\"")
-    if not cfg["shared_init"] and cfg["strategy"] in ("centralized",):
-        raise ConfigError("shared_init = false has no meaning for strategy = \"centralized\" (there are no edge models)")
+    if not cfg["shared_init"] and not strategy_of(cfg).edge_models:
+        raise ConfigError(f"shared_init = false has no meaning for strategy = \"{cfg['strategy']}\" "
+                          "(there are no edge models)")
+    if cfg["server_data_fraction"] == 0:
+        needs = [what for what, on in (
+            (f'strategy = "{cfg["strategy"]}"', strategy_of(cfg).server_training == "required"),
+            ('init = "warmup"', cfg["init"] == "warmup" and cfg["warmup"]["epochs"] > 0),
+            ("bn_recalibration = true", cfg["bn_recalibration"])) if on]
+        if needs:
+            raise ConfigError(f"server_data_fraction = 0 gives the server no data, but {' and '.join(needs)} trains "
+                              "on it; use a fraction > 0")
     if not cfg["model"].get("name"):
         raise ConfigError("model.name must name a model")
 
@@ -216,8 +231,8 @@ def resolve_config(user: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Defaults overlaid with ``user``; every key and value checked. Returns a new dict."""
     user = dict(user or {})
     deploy = user.pop("deploy", None)
-    cfg = copy.deepcopy(DEFAULTS)
-    _merge(cfg, user, CHECKS)
+    cfg = defaults()
+    _merge(cfg, user, schema()[1])
     _check_consistency(cfg)
     if deploy is not None and not isinstance(deploy, Mapping):
         raise ConfigError(f"config key 'deploy' must be a table ([deploy]), got {deploy!r}")
@@ -232,6 +247,12 @@ def load_toml(path: str | Path) -> dict[str, Any]:
             return tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory; give a .toml file (e.g. configs/quickstart.toml)") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
 
@@ -271,22 +292,5 @@ def model_options(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def to_toml(cfg: Mapping[str, Any]) -> str:
-    """Write a resolved config back as TOML (the subset of TOML configs use: scalars, lists, one level of tables)."""
-
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, str):
-            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-        if isinstance(v, float):
-            return repr(v)
-        if isinstance(v, list):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        return str(v)
-
-    lines = [f"{k} = {value(v)}" for k, v in cfg.items() if not isinstance(v, dict)]
-    for k, v in cfg.items():
-        if isinstance(v, dict):
-            lines.append(f"\n[{k}]")
-            lines.extend(f"{kk} = {value(vv)}" for kk, vv in v.items())
-    return "\n".join(lines) + "\n"
+    """A resolved config as TOML text (what ``ecavg run --config`` reads back)."""
+    return tomli_w.dumps(cfg)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import sys
@@ -80,17 +81,23 @@ def train(
     *,
     desc: str = "train",
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> list[dict[str, float]]:
     """Train ``model`` in place for ``settings.epochs`` epochs over ``loader``.
 
-    ``on_epoch(epoch, metrics)`` is called after each epoch (1-based) and may add to ``metrics`` (e.g. a test
-    accuracy); the list of per-epoch metrics is returned.
+    ``loss(logits, inputs, targets)`` is the batch loss (default: cross-entropy with the settings' label
+    smoothing). ``on_epoch(epoch, metrics)`` is called after each epoch (1-based) and may add to ``metrics``
+    (e.g. a test accuracy); the list of per-epoch metrics is returned.
     """
     if settings.epochs == 0:
         return []
     opt = _make_optimizer(model, settings)
     sched = _make_schedule(opt, settings, settings.epochs * len(loader))
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
+    if loss is None:
+        cross_entropy = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
+
+        def loss(logits: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            return cross_entropy(logits, targets)
     history: list[dict[str, float]] = []
     for epoch in range(1, settings.epochs + 1):
         model.train()
@@ -101,13 +108,13 @@ def train(
         seen = 0
         for x, y in _progress(loader, len(loader), f"{desc} epoch {epoch}/{settings.epochs}"):
             out = model(x)
-            loss = loss_fn(out, y)
+            batch_loss = loss(out, x, y)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            batch_loss.backward()
             opt.step()
             if sched is not None:
                 sched.step()
-            loss_sum += loss.detach() * y.numel()
+            loss_sum += batch_loss.detach() * y.numel()
             correct += (out.detach().argmax(1) == y).sum()
             seen += y.numel()
         mean_loss = loss_sum.item() / max(seen, 1)
@@ -158,27 +165,15 @@ def evaluate(model: nn.Module, loader, *, desc: str = "evaluate") -> dict[str, f
     return {"accuracy": correct.item() / seen, "loss": loss_sum.item() / seen, "samples": seen}
 
 
-@torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, loader, *, max_batches: int = 200) -> bool:
-    """Recompute BatchNorm running statistics on ``loader`` (weights unchanged).
+    """Recompute BatchNorm running statistics on at most ``max_batches`` batches of ``loader`` (weights unchanged).
 
     Averaged weights come with averaged running statistics, which do not describe the activations of the averaged
     network; recomputing them on data the server holds often recovers much of the lost accuracy.
     Returns False when the model has no BatchNorm layer.
     """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns:
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return False
-    saved_momentum = [bn.momentum for bn in bns]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative average over all batches seen
-    model.train()
-    for i, (x, _) in enumerate(loader):
-        if i >= max_batches:
-            break
-        model(x)
-    for bn, m in zip(bns, saved_momentum):
-        bn.momentum = m
+    torch.optim.swa_utils.update_bn(itertools.islice(loader, max_batches), model)
     model.eval()
     return True

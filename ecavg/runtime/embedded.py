@@ -6,12 +6,14 @@ real and the same validation runs as in a deployment.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterator, Mapping
 
 import torch
 
 from ecavg.core.participants import EdgeWorker
-from ecavg.core.protocol import EdgeEvaluation, EdgePool, EdgeReply
+from ecavg.core.pool import EdgePool
+from ecavg.core.records import EdgeEvaluation, EdgeReply
 from ecavg.core.serialization import decode_state_dict, encode_state_dict
 from ecavg.data import ImageDataset
 
@@ -38,24 +40,17 @@ class EmbeddedEdgePool(EdgePool):
         payload = encode_state_dict(weights) if weights is not None else None
         for edge in self._select(only):
             received = decode_state_dict(payload, name=edge.name) if payload is not None else None
-            out = edge.fit(received, phase=phase, epochs=epochs)
-            uploaded = encode_state_dict(out["weights"])
-            yield EdgeReply(
-                name=edge.name,
-                weights=decode_state_dict(uploaded, name=edge.name, reference=received),
-                num_samples=out["num_samples"],
-                accuracy=out["accuracy"],
-                test_samples=out["test_samples"],
-                history=out["history"],
-                bytes_up=len(uploaded),
-                bytes_down=len(payload) if payload is not None else 0,
-            )
+            reply = edge.fit(received, phase=phase, epochs=epochs)
+            uploaded = encode_state_dict(reply.weights)
+            yield dataclasses.replace(
+                reply, weights=decode_state_dict(uploaded, name=edge.name, reference=received),
+                bytes_up=len(uploaded), bytes_down=len(payload) if payload is not None else 0)
 
     def evaluate(self, weights: Mapping[str, torch.Tensor], *, phase: str) -> Iterator[EdgeEvaluation]:
         payload = encode_state_dict(weights)
         for edge in self._edges.values():
-            out = edge.evaluate(decode_state_dict(payload, name=edge.name))
-            yield EdgeEvaluation(edge.name, out["accuracy"], out["test_samples"], bytes_down=len(payload))
+            evaluation = edge.evaluate(decode_state_dict(payload, name=edge.name))
+            yield dataclasses.replace(evaluation, bytes_down=len(payload))
 
     def training_data(self) -> ImageDataset:
         return self._union

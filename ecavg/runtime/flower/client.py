@@ -7,7 +7,7 @@ Each SuperNode is one edge. Its node config says where the edge's data is:
   run config's ``edge-data-dir`` (set by the simulation runtime), else ``$ECAVG_DATA_DIR`` or ``./data``.
 * ``dataset``: a dataset of the edge's own (e.g. ``imagefolder:/data/site3``, with ``train/`` and ``test/``);
   without it the edge takes partition k of the run's dataset, built exactly as ``ecavg run`` builds it
-  (:func:`ecavg.experiment.build_edges_and_server`), so that both runtimes compute the same numbers.
+  (:func:`ecavg.runtime.setup.build_participants`), so that both runtimes compute the same numbers.
 * ``device``: overrides the config's ``device`` on this host.
 
 Flower starts a fresh ClientApp process per message; the edge's data is loaded again each time (from the
@@ -32,9 +32,9 @@ from ecavg.config import model_options, resolve_config
 from ecavg.core.participants import EdgeWorker, ModelFactory, resolve_device
 from ecavg.core.serialization import decode_state_dict, encode_state_dict
 from ecavg.core.training import TrainingSettings
-from ecavg.data import ImageDataset, load_dataset, partition_indices
-from ecavg.experiment import _train_subset, build_edges_and_server
+from ecavg.data import load_dataset
 from ecavg.runtime.flower import wire
+from ecavg.runtime.setup import build_participants, server_share
 from ecavg.config.deploy import deploy_settings
 
 log = logging.getLogger("ecavg")
@@ -49,6 +49,7 @@ class LocalEdge:
     mode: str  # "partition" or "own"
     index: torch.Tensor | None  # positions of the edge's training samples in the run's training set
     max_bytes: int
+    server_share: torch.Tensor  # positions in the edge's training set of the samples it uploads
 
 
 _edges: dict[tuple[int, int], LocalEdge] = {}
@@ -72,21 +73,6 @@ def node_partition_id(node_config: dict[str, Any]) -> int:
     return value
 
 
-def partition_positions(cfg: dict[str, Any], train: ImageDataset, k: int) -> torch.Tensor:
-    """Positions of edge k's samples in ``train`` (the run's training set after ``data.train_fraction``):
-    the same call build_edges_and_server makes.
-
-    The server sorts the uploaded training sets by these positions, which rebuilds the union exactly as the
-    embedded runtime holds it (and so the server's fine-tuning sees the same batches).
-    """
-    data_cfg = cfg["data"]
-    parts = partition_indices(
-        train.labels, data_cfg["num_edges"], data_cfg["partition"], seed=cfg["seed"],
-        ratios=data_cfg["ratios"] or None, alpha=data_cfg["alpha"], labels_per_edge=data_cfg["labels_per_edge"],
-    )
-    return parts[k]
-
-
 def build_local_edge(run_config: dict[str, Any], node_config: dict[str, Any], spec_json: str) -> LocalEdge:
     """This node's EdgeWorker, from the run's config (sent by the server) and the node's own config."""
     cfg = resolve_config(json.loads(str(run_config["ecavg-config"])))
@@ -102,17 +88,16 @@ def build_local_edge(run_config: dict[str, Any], node_config: dict[str, Any], sp
     server_spec, server_classes = wire.spec_from_json(spec_json)
     if not own_dataset:
         splits = load_dataset(cfg["data"]["dataset"], data_dir, download=cfg["data"]["download"])
-        edges, _, _ = build_edges_and_server(cfg, splits, device)
-        worker = edges[k]
+        participants = build_participants(cfg, splits, device)
+        worker = participants.edges[k]
         if not wire.same_spec(worker.factory.spec, server_spec) or list(splits.train.classes) != server_classes:
             raise EdgeSetupError(
                 f"edge-{k}: its copy of {cfg['data']['dataset']} (in {data_dir or 'the default data dir'}) does not "
                 f"match the server's (classes, image size or normalisation differ: {worker.factory.spec} vs "
                 f"{server_spec}); give every host the same dataset files")
-        train = _train_subset(splits.train, cfg["data"]["train_fraction"], cfg["seed"])
-        index = partition_positions(cfg, train, k)
-        if not torch.equal(train.labels[index], worker.train_data.labels):
-            raise EdgeSetupError(f"edge-{k}: internal error: partition positions disagree with the edge's data")
+        # The server sorts the uploaded training sets by these positions, which rebuilds the union exactly as
+        # the embedded runtime holds it (and so the server's fine-tuning sees the same batches).
+        index = participants.positions[k]
         mode = "partition"
     else:
         splits = load_dataset(own_dataset, data_dir)
@@ -131,7 +116,8 @@ def build_local_edge(run_config: dict[str, Any], node_config: dict[str, Any], sp
         index, mode = None, "own"
     # The server sends the shared start; a pretrained file on the server need not exist on edge hosts.
     worker.factory = dataclasses.replace(worker.factory, pretrained="")
-    return LocalEdge(worker, mode, index, settings.max_message_bytes)
+    share = server_share(worker.train_data, cfg["server_data_fraction"], cfg["seed"], worker.name)
+    return LocalEdge(worker, mode, index, settings.max_message_bytes, share)
 
 
 def _local_edge(message: Message, context: Context) -> LocalEdge:
@@ -153,7 +139,10 @@ def _received_weights(message: Message, edge: LocalEdge) -> dict[str, torch.Tens
 
 
 def _data_record(edge: LocalEdge) -> Any:
-    return wire.payload_record(wire.encode_train_data(edge.worker.train_data, edge.index))
+    """The samples this edge gives the server: its ``server_data_fraction`` share (all of them by default)."""
+    share = edge.server_share
+    index = edge.index[share] if edge.index is not None else None
+    return wire.payload_record(wire.encode_train_data(edge.worker.train_data.subset(share), index))
 
 
 @client_app.query("hello")
@@ -173,7 +162,7 @@ def hello(message: Message, context: Context) -> Message:
 def data(message: Message, context: Context) -> Message:
     edge = _local_edge(message, context)
     log.info("%s: uploading %d training samples (deploy.share_data = full)", edge.worker.name,
-             len(edge.worker.train_data))
+             len(edge.server_share))
     return Message(RecordDict({wire.TRAIN_DATA: _data_record(edge)}), reply_to=message)
 
 
@@ -182,17 +171,17 @@ def _fit(message: Message, context: Context) -> Message:
     config = message.content[wire.CONFIG]
     phase, epochs = str(config["phase"]), int(config["epochs"])
     weights = _received_weights(message, edge)
-    out = edge.worker.fit(weights, phase=phase, epochs=epochs)
-    log.info("%s %s: test accuracy %.4f on %d samples", edge.worker.name, phase, out["accuracy"], out["test_samples"])
+    reply = edge.worker.fit(weights, phase=phase, epochs=epochs)
+    log.info("%s %s: test accuracy %.4f on %d samples", edge.worker.name, phase, reply.accuracy, reply.test_samples)
     content = RecordDict({
-        wire.WEIGHTS: wire.payload_record(encode_state_dict(out["weights"])),
-        wire.METRICS: MetricRecord({"num-samples": out["num_samples"], "accuracy": float(out["accuracy"]),
-                                    "test-samples": out["test_samples"]}),
-        wire.REPORT: wire.config_record(history=json.dumps(out["history"])),
+        wire.WEIGHTS: wire.payload_record(encode_state_dict(reply.weights)),
+        wire.METRICS: MetricRecord({"num-samples": reply.num_samples, "accuracy": float(reply.accuracy),
+                                    "test-samples": reply.test_samples}),
+        wire.REPORT: wire.config_record(history=json.dumps(reply.history)),
     })
     if bool(config.get("send-data", False)):
         log.info("%s: uploading %d training samples with the weights (deploy.share_data = full)",
-                 edge.worker.name, len(edge.worker.train_data))
+                 edge.worker.name, len(edge.server_share))
         content[wire.TRAIN_DATA] = _data_record(edge)
     return Message(content, reply_to=message)
 
@@ -213,8 +202,9 @@ def update(message: Message, context: Context) -> Message:
     weights = _received_weights(message, edge)
     if weights is None:
         raise EdgeSetupError("evaluate.update carries no weights")
-    out = edge.worker.evaluate(weights)
-    log.info("%s update: test accuracy %.4f on %d samples", edge.worker.name, out["accuracy"], out["test_samples"])
-    content = RecordDict({wire.METRICS: MetricRecord({"accuracy": float(out["accuracy"]),
-                                                      "test-samples": out["test_samples"]})})
+    evaluation = edge.worker.evaluate(weights)
+    log.info("%s update: test accuracy %.4f on %d samples", edge.worker.name, evaluation.accuracy,
+             evaluation.test_samples)
+    content = RecordDict({wire.METRICS: MetricRecord({"accuracy": float(evaluation.accuracy),
+                                                      "test-samples": evaluation.test_samples})})
     return Message(content, reply_to=message)

@@ -1,7 +1,7 @@
 """The server side of a Flower deployment: a ``ServerApp`` that runs the shared strategies over Flower.
 
-:class:`FlowerEdgePool` is the :class:`~ecavg.core.protocol.EdgePool` of a deployment: the same strategy
-code (``run_ecavg``, ``run_fedavg``, ...) that the embedded runtime drives calls it, and it turns each call
+:class:`FlowerEdgePool` is the :class:`~ecavg.core.pool.EdgePool` of a deployment: the same strategy
+code (``ecavg.core.strategies``) that the embedded runtime drives calls it, and it turns each call
 into Flower messages to the SuperNodes, waits for their replies within the round timeout, validates every
 reply completely (:mod:`ecavg.runtime.flower.wire`) and hands the strategy what an in-process edge would.
 
@@ -14,6 +14,7 @@ says what happened.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -27,14 +28,13 @@ from flwr.serverapp import Grid, ServerApp
 
 from ecavg.errors import DeploymentError, EdgeQuorumError
 from ecavg.config import resolve_config
-from ecavg.core.checkpoint import PhaseStore, write_text_atomic
 from ecavg.core.participants import DataSpec, ServerWorker
-from ecavg.core.protocol import EdgeEvaluation, EdgePool, EdgeReply, RunContext, run_strategy
+from ecavg.core.pool import EdgePool
+from ecavg.core.records import EdgeEvaluation, EdgeReply
 from ecavg.core.serialization import encode_state_dict
 from ecavg.data import ImageDataset, load_dataset
-from ecavg.experiment import _prepare_output, build_edges_and_server, prepare_compute
-from ecavg.report import build_results, write_outputs
 from ecavg.runtime.flower import wire
+from ecavg.runtime.setup import RunDirectory, build_participants, execute, prepare_compute
 from ecavg.config.deploy import (
     DeploySettings,
     check_data_policy,
@@ -44,7 +44,8 @@ from ecavg.config.deploy import (
 
 log = logging.getLogger("ecavg")
 
-FAILURE_FILE = "failure.json"
+# What `ecavg deploy` itself puts in the output directory before the ServerApp starts.
+DEPLOY_OWNED = frozenset({"logs", "deploy"})
 # How often the server asks the SuperLink for replies: small against any training time, cheap for it.
 POLL_INTERVAL_S = 0.2
 # Messages live a little longer than the server waits for them, then Flower discards them.
@@ -119,18 +120,16 @@ class FlowerEdgePool(EdgePool):
         position = 0
         for name, reply in self._exchange(messages, wire.fit_message_type(phase), phase):
             try:
-                parsed = wire.parse_fit_reply(
+                parsed, data, data_bytes = wire.parse_fit_reply(
                     reply, source=name, node_id=self.nodes[name], reference=reference,
                     max_bytes=self.settings.max_message_bytes, spec=self._spec if wants_data[name] else None)
             except wire.EdgeReplyError as error:
                 self._drop(name, phase, f"{error.kind}: {error}")
             else:
-                if parsed.data is not None:
-                    self._add_data(name, parsed.data, parsed.data_bytes)
-                ready[name] = EdgeReply(
-                    name=name, weights=parsed.weights, num_samples=parsed.num_samples, accuracy=parsed.accuracy,
-                    test_samples=parsed.test_samples, history=parsed.history,
-                    bytes_up=parsed.bytes_up + parsed.data_bytes, bytes_down=len(payload) if payload else 0)
+                if data is not None:
+                    self._add_data(name, data, data_bytes)
+                ready[name] = dataclasses.replace(parsed, bytes_up=parsed.bytes_up + data_bytes,
+                                                  bytes_down=len(payload) if payload else 0)
             settled.add(name)
             while position < len(targets) and (targets[position] in settled or targets[position] in self.missing):
                 if targets[position] in ready:
@@ -154,11 +153,11 @@ class FlowerEdgePool(EdgePool):
             })
         for name, reply in self._exchange(messages, wire.UPDATE, phase):
             try:
-                accuracy, test_samples = wire.parse_evaluate_reply(reply, source=name, node_id=self.nodes[name])
+                evaluation = wire.parse_evaluate_reply(reply, source=name, node_id=self.nodes[name])
             except wire.EdgeReplyError as error:
                 self._drop(name, phase, f"{error.kind}: {error}")
                 continue
-            yield EdgeEvaluation(name, accuracy, test_samples, bytes_down=len(payload))
+            yield dataclasses.replace(evaluation, bytes_down=len(payload))
 
     def training_data(self) -> ImageDataset:
         if self._server_data is not None:
@@ -343,74 +342,55 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], *, log_to_output: bool
                                num_edges=cfg["data"]["num_edges"])
     note = check_data_policy(cfg, settings)
     data_dir = str(run_config.get("data-dir", "")) or None
-    out = Path(str(run_config["output-dir"]))
-    _prepare_output(cfg, out, data_dir)
-    handlers = _attach_log_handlers(out) if log_to_output else []
-    try:
-        return _serve(grid, cfg, settings, note, out, data_dir)
-    finally:
-        for handler in handlers:
-            log.removeHandler(handler)
-            handler.close()
-
-
-def _serve(grid: Grid, cfg: dict[str, Any], settings: DeploySettings, note: str | None, out: Path,
-           data_dir: str | None) -> dict[str, Any]:
+    run_dir = RunDirectory.for_new_run(Path(str(run_config["output-dir"])), may_hold=DEPLOY_OWNED)
     device, splits, load_s = prepare_compute(cfg, data_dir)
     # The server builds its worker exactly as the embedded runtime does (the edge workers are unused here).
-    _, _, server = build_edges_and_server(cfg, splits, device)
-    spec = server.factory.spec
+    server = build_participants(cfg, splits, device).server
+    reference = {k: v.detach().cpu() for k, v in server.new_model().state_dict().items()}
     server_data = None
     if settings.share_data == "none":
         if settings.server_data:
-            server_data = _own_server_data(settings.server_data, data_dir, list(splits.train.classes), spec)
+            server_data = _own_server_data(settings.server_data, data_dir, list(splits.train.classes),
+                                           server.factory.spec)
         else:
             server_data = splits.train.subset(torch.empty(0, dtype=torch.int64))
             server = SkipFinetuneServer(server.factory, server.settings, server.test_data, server.seed,
                                         eval_each_epoch=server.eval_each_epoch)
-    if note:
-        log.info(note)
-    metrics_path = out / "metrics.jsonl"
-
-    def emit(record: dict[str, Any]) -> None:
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    reference = {k: v.detach().cpu() for k, v in server.new_model().state_dict().items()}
-    pool = FlowerEdgePool(grid, num_edges=cfg["data"]["num_edges"], settings=settings, spec=spec,
-                          classes=list(splits.train.classes), reference=reference,
-                          upload_data=settings.share_data == "full" and server_training_needs_edge_data(cfg),
-                          server_data=server_data, emit=emit)
-    log.info("%s over Flower: %s, %d edges, %s on %s, share_data = %s, output %s", cfg["strategy"],
-             cfg["data"]["dataset"], cfg["data"]["num_edges"], cfg["model"]["name"], device, settings.share_data, out)
+    run_dir.start(cfg, data_dir)
+    handlers = _attach_log_handlers(run_dir.path) if log_to_output else []
     try:
-        pool.connect()
-        ctx = RunContext(cfg=cfg, pool=pool, server=server, store=PhaseStore(out / "checkpoints"), emit=emit)
-        outcome = run_strategy(ctx)
-    except Exception as error:
-        write_text_atomic(out / FAILURE_FILE, json.dumps({
-            "error": f"{type(error).__name__}: {error}",
-            "missing_edges": pool.missing,
-            "connected_edges": {n: str(node) for n, node in pool.nodes.items()},
-            "note": "finished phases and the replies that arrived are kept in checkpoints/; logs are in logs/",
-        }, indent=2) + "\n")
-        log.error("run failed: %s", error)
-        raise
-    results = build_results(
-        cfg, outcome, runtime="flower", device=str(device), data_load_s=load_s,
-        missing_edges=dict(pool.missing),
-        deploy={
-            **settings.to_dict(),
-            "edge_data": dict(pool.modes),
-            "data_bytes_up": pool.data_bytes_up,
-            "phase_wall_s": {k: round(v, 3) for k, v in pool.phase_seconds.items()},
-            **({"note": note} if note else {}),
-        },
-    )
-    write_outputs(out, results, outcome)
-    log.info("results written to %s", out)
-    results["output_dir"] = str(out)
-    return results
+        if note:
+            log.info(note)
+        pool = FlowerEdgePool(grid, num_edges=cfg["data"]["num_edges"], settings=settings, spec=server.factory.spec,
+                              classes=list(splits.train.classes), reference=reference,
+                              upload_data=settings.share_data == "full" and server_training_needs_edge_data(cfg),
+                              server_data=server_data, emit=run_dir.emit)
+        log.info("%s over Flower: %s, %d edges, %s on %s, share_data = %s, output %s", cfg["strategy"],
+                 cfg["data"]["dataset"], cfg["data"]["num_edges"], cfg["model"]["name"], device,
+                 settings.share_data, run_dir.path)
+        failure_details = lambda: {"missing_edges": pool.missing,  # noqa: E731
+                                   "connected_edges": {n: str(node) for n, node in pool.nodes.items()}}
+        try:
+            pool.connect()
+        except Exception as error:
+            run_dir.write_failure(error, **failure_details())
+            raise
+        results = execute(
+            cfg, pool, server, run_dir, runtime="flower", device=device, load_s=load_s,
+            failure_details=failure_details,
+            extra_results=lambda: {"missing_edges": dict(pool.missing), "deploy": {
+                **settings.to_dict(),
+                "edge_data": dict(pool.modes),
+                "data_bytes_up": pool.data_bytes_up,
+                "phase_wall_s": {k: round(v, 3) for k, v in pool.phase_seconds.items()},
+                **({"note": note} if note else {}),
+            }})
+        log.info("results written to %s", run_dir.path)
+        return results
+    finally:
+        for handler in handlers:
+            log.removeHandler(handler)
+            handler.close()
 
 
 @server_app.main()

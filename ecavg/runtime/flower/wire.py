@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from ecavg.core.participants import DataSpec, StateDict
+from ecavg.core.participants import DataSpec
+from ecavg.core.records import EdgeEvaluation, EdgeReply, StateDict
 from ecavg.core.serialization import WeightsError, decode_state_dict, encode_state_dict
 from ecavg.data import ImageDataset
 
@@ -208,18 +209,6 @@ def _history(content: RecordDict, source: str) -> list[dict[str, Any]]:
     return history
 
 
-@dataclass
-class FitReply:
-    weights: StateDict
-    num_samples: int
-    accuracy: float
-    test_samples: int
-    history: list[dict[str, Any]] = field(default_factory=list)
-    bytes_up: int = 0
-    data: TrainData | None = None
-    data_bytes: int = 0
-
-
 def check_reply_envelope(reply: Message, *, source: str, node_id: int) -> None:
     """The reply comes from the edge's node and is not an error (an error is reported with its reason)."""
     if reply.has_error():
@@ -230,10 +219,11 @@ def check_reply_envelope(reply: Message, *, source: str, node_id: int) -> None:
 
 
 def parse_fit_reply(reply: Message, *, source: str, node_id: int, reference: Mapping[str, torch.Tensor],
-                    max_bytes: int | None, spec: DataSpec | None = None) -> FitReply:
-    """Validate a ``train.*`` reply completely before anything of it is used.
+                    max_bytes: int | None, spec: DataSpec | None = None
+                    ) -> tuple[EdgeReply, TrainData | None, int]:
+    """Validate a ``train.*`` reply completely before anything of it is used: (the edge's reply, its training
+    data and that data's payload size when ``spec`` is given, i.e. ``share_data = "full"``).
 
-    ``spec`` is given when the reply must carry the edge's training data (``share_data = "full"``).
     Raises EdgeReplyError naming the edge (``source``) for any problem.
     """
     check_reply_envelope(reply, source=source, node_id=node_id)
@@ -241,7 +231,8 @@ def parse_fit_reply(reply: Message, *, source: str, node_id: int, reference: Map
     weights, size = decode_weights(content, source=source, reference=reference, max_bytes=max_bytes)
     metrics = _record(content, METRICS, MetricRecord, source)
     num_samples = _count(metrics, "num-samples", source, minimum=1)
-    parsed = FitReply(
+    parsed = EdgeReply(
+        name=source,
         weights=weights,
         num_samples=num_samples,
         accuracy=_fraction(metrics, "accuracy", source),
@@ -249,13 +240,13 @@ def parse_fit_reply(reply: Message, *, source: str, node_id: int, reference: Map
         history=_history(content, source),
         bytes_up=size,
     )
-    if spec is not None:
-        data, data_size = decode_train_data(content, source=source, image_shape=image_shape_of(spec),
-                                            num_classes=spec.num_classes, max_bytes=max_bytes)
-        if len(data) != num_samples:
-            raise EdgeReplyError(f"{source}: reports {num_samples} training samples but uploaded {len(data)}")
-        parsed.data, parsed.data_bytes = data, data_size
-    return parsed
+    if spec is None:
+        return parsed, None, 0
+    data, data_size = decode_train_data(content, source=source, image_shape=image_shape_of(spec),
+                                        num_classes=spec.num_classes, max_bytes=max_bytes)
+    if len(data) > num_samples:  # the edge uploads its server_data_fraction share of them
+        raise EdgeReplyError(f"{source}: reports {num_samples} training samples but uploaded {len(data)}")
+    return parsed, data, data_size
 
 
 def parse_data_reply(reply: Message, *, source: str, node_id: int, spec: DataSpec,
@@ -265,10 +256,11 @@ def parse_data_reply(reply: Message, *, source: str, node_id: int, spec: DataSpe
                              num_classes=spec.num_classes, max_bytes=max_bytes)
 
 
-def parse_evaluate_reply(reply: Message, *, source: str, node_id: int) -> tuple[float, int]:
+def parse_evaluate_reply(reply: Message, *, source: str, node_id: int) -> EdgeEvaluation:
     check_reply_envelope(reply, source=source, node_id=node_id)
     metrics = _record(reply.content, METRICS, MetricRecord, source)
-    return _fraction(metrics, "accuracy", source), _count(metrics, "test-samples", source, minimum=0)
+    return EdgeEvaluation(source, _fraction(metrics, "accuracy", source),
+                          _count(metrics, "test-samples", source, minimum=0))
 
 
 @dataclass

@@ -1,0 +1,217 @@
+"""The phases a strategy is composed of, each checkpointed in the run's ``PhaseStore`` and reused on resume.
+
+``initial_weights`` (step 0, the shared start), ``train_edges`` / ``pretrain`` (step 1, edges train and reply),
+``aggregate`` (steps 2-3), ``server_train`` (step 4) and ``update`` (step 5). They fill a ``Tally`` (the results
+fields, timings and bytes) and emit one ``metrics.jsonl`` record per epoch and participant.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from ecavg.core.aggregation import Aggregator
+from ecavg.core.checkpoint import PhaseStore
+from ecavg.core.objectives import ServerObjective
+from ecavg.core.participants import ServerWorker, derive_seed
+from ecavg.core.pool import EdgePool
+from ecavg.core.records import StateDict
+from ecavg.data import ImageDataset
+
+
+@dataclass
+class RunContext:
+    cfg: dict[str, Any]
+    pool: EdgePool
+    server: ServerWorker
+    store: PhaseStore
+    emit: Callable[[dict[str, Any]], None] = lambda record: None
+
+
+class Tally:
+    """Results fields, timings and bytes, filled in as phases finish (or are reloaded on resume)."""
+
+    def __init__(self, ctx: RunContext):
+        self.ctx = ctx
+        sizes = ctx.pool.sizes()
+        self.edges = {
+            n: {"name": n, "train_samples": sizes.get(n, (None, None))[0], "test_samples": sizes.get(n, (None, None))[1],
+                "accuracy_before": None, "accuracy_after": None}
+            for n in ctx.pool.names
+        }
+        self.server: dict[str, Any] = {"accuracy_averaged": None, "accuracy_finetuned": None}
+        self.timing = {"init": 0.0, "pretrain": 0.0, "aggregate": 0.0, "finetune": 0.0, "update": 0.0}
+        self.bytes = {"uplink": 0, "downlink": 0}
+        self._started = time.perf_counter()
+
+    def results(self) -> dict[str, Any]:
+        return {
+            "edges": list(self.edges.values()),
+            "server": self.server,
+            "timing_s": {**{k: round(v, 3) for k, v in self.timing.items()},
+                         "total": round(time.perf_counter() - self._started, 3)},
+            "bytes": self.bytes,
+        }
+
+
+def initial_weights(ctx: RunContext, tally: Tally) -> StateDict:
+    """Step 0: the shared start (seeded random, a local pretrained file, or a server warm-up)."""
+    cached = ctx.store.load("init")
+    if cached is not None:
+        record, weights = cached
+        tally.timing["init"] += record["seconds"]
+        return weights
+    start = time.perf_counter()
+    cfg = ctx.cfg
+    if cfg["init"] == "warmup" and cfg["warmup"]["epochs"] > 0:
+        data = random_share(ctx.pool.training_data(), cfg["warmup"]["data_fraction"], cfg["seed"])
+
+        def record_epoch(m: dict[str, Any]) -> None:
+            ctx.emit({"participant": "server", "phase": "warmup", **m})
+
+        weights, _ = ctx.server.train(None, data, phase="warmup", epochs=cfg["warmup"]["epochs"],
+                                      on_epoch_record=record_epoch)
+    else:
+        weights = {k: v.detach().cpu().clone() for k, v in ctx.server.new_model().state_dict().items()}
+    seconds = time.perf_counter() - start
+    ctx.store.save("init", {"seconds": seconds}, weights)
+    tally.timing["init"] += seconds
+    return weights
+
+
+def random_share(data: ImageDataset, fraction: float, seed: int) -> ImageDataset:
+    """A seeded random share of ``data`` (the warm-up's data)."""
+    if fraction >= 1.0:
+        return data
+    g = torch.Generator().manual_seed(derive_seed(seed, "warmup-subset"))
+    keep = torch.randperm(len(data), generator=g)[: max(1, int(round(len(data) * fraction)))]
+    return data.subset(keep.sort().values)
+
+
+def train_edges(ctx: RunContext, tally: Tally, phase: str, weights: StateDict | None, *, epochs: int,
+                aggregator: Aggregator | None = None, keep: dict[str, StateDict] | None = None,
+                checkpoint_edges: bool = True, timing_key: str = "pretrain") -> dict[str, dict[str, Any]]:
+    """Edges train from ``weights``; each reply is checkpointed and, if given, streamed into ``aggregator``.
+
+    Returns the per-edge records (accuracy, sample counts). With ``checkpoint_edges``, edges that finished
+    before an interruption are loaded from the store instead of training again (FedAvg checkpoints whole
+    rounds instead, so that many rounds do not keep every edge's weights on disk).
+    """
+    records: dict[str, dict[str, Any]] = {}
+    aggregate_s = 0.0
+    missing = []
+    for name in ctx.pool.names:
+        cached = None
+        if checkpoint_edges:
+            cached = ctx.store.load(f"{phase}/{name}", with_weights=aggregator is not None or keep is not None)
+        if cached is None:
+            missing.append(name)
+            continue
+        record, w = cached
+        records[name] = record
+        tally.timing[timing_key] += record["seconds"]
+        if aggregator is not None:
+            t = time.perf_counter()
+            aggregator.add(name, w, record["num_samples"])
+            aggregate_s += time.perf_counter() - t
+        if keep is not None:
+            keep[name] = w
+    if missing:
+        start = time.perf_counter()
+        for reply in ctx.pool.fit(weights, phase=phase, epochs=epochs, only=missing):
+            seconds = time.perf_counter() - start
+            record = {"num_samples": reply.num_samples, "accuracy": reply.accuracy, "test_samples": reply.test_samples,
+                      "bytes_up": reply.bytes_up, "bytes_down": reply.bytes_down, "seconds": seconds}
+            for m in reply.history:
+                ctx.emit({"participant": reply.name, "phase": phase, **m})
+            if aggregator is not None:
+                t = time.perf_counter()
+                aggregator.add(reply.name, reply.weights, reply.num_samples)
+                aggregate_s += time.perf_counter() - t
+            if checkpoint_edges:
+                ctx.store.save(f"{phase}/{reply.name}", record, reply.weights)
+            if keep is not None:
+                keep[reply.name] = reply.weights
+            records[reply.name] = record
+            tally.timing[timing_key] += seconds
+            start = time.perf_counter()
+    for name, record in records.items():
+        tally.bytes["uplink"] += record["bytes_up"]
+        tally.bytes["downlink"] += record["bytes_down"]
+        edge = tally.edges[name]
+        edge["train_samples"], edge["test_samples"] = record["num_samples"], record["test_samples"]
+    tally.timing["aggregate"] += aggregate_s
+    return records
+
+
+def pretrain(ctx: RunContext, tally: Tally, *, aggregator: Aggregator | None = None,
+             keep: dict[str, StateDict] | None = None) -> None:
+    """Steps 0-1: the shared start goes to the edges, each pre-trains and reports ``accuracy_before``."""
+    init = initial_weights(ctx, tally)
+    records = train_edges(ctx, tally, "pretrain", init if ctx.cfg["shared_init"] else None,
+                          epochs=ctx.cfg["edge"]["epochs"], aggregator=aggregator, keep=keep)
+    for name, record in records.items():
+        tally.edges[name]["accuracy_before"] = record["accuracy"]
+
+
+def aggregate(ctx: RunContext, tally: Tally, aggregator: Aggregator) -> StateDict:
+    """Step 3: the aggregator's result (the edges were streamed in), optionally with BatchNorm statistics
+    recomputed on the server's data."""
+    cached = ctx.store.load("averaged")
+    if cached is not None:
+        record, averaged = cached
+    else:
+        start = time.perf_counter()
+        averaged = aggregator.result(ctx.server)
+        aggregate_s = time.perf_counter() - start
+        record: dict[str, Any] = {"seconds": aggregate_s, "accuracy": ctx.server.evaluate(averaged)}
+        if ctx.cfg["bn_recalibration"]:
+            recalibrated = ctx.server.recalibrate(averaged, ctx.pool.training_data())
+            if recalibrated is not None:
+                record["accuracy_before_bn_recalibration"] = record["accuracy"]
+                averaged = recalibrated
+                record["accuracy"] = ctx.server.evaluate(averaged)
+        ctx.store.save("averaged", record, averaged)
+        ctx.emit({"participant": "server", "phase": "aggregate", "test_accuracy": record["accuracy"]})
+    tally.timing["aggregate"] += record["seconds"]
+    tally.server["accuracy_averaged"] = record["accuracy"]
+    if "accuracy_before_bn_recalibration" in record:
+        tally.server["accuracy_averaged_before_bn_recalibration"] = record["accuracy_before_bn_recalibration"]
+    return averaged
+
+
+def server_train(ctx: RunContext, tally: Tally, phase: str, weights: StateDict,
+                 objective: ServerObjective | None = None) -> StateDict:
+    """Step 4 (and the centralized baseline): the server trains ``weights`` on its data for ``server.epochs``."""
+    cached = ctx.store.load(phase)
+    if cached is not None:
+        record, trained = cached
+    else:
+        start = time.perf_counter()
+
+        def record_epoch(m: dict[str, Any]) -> None:
+            ctx.emit({"participant": "server", "phase": phase, **m})
+
+        trained, history = ctx.server.train(weights, ctx.pool.training_data(), phase=phase,
+                                            epochs=ctx.cfg["server"]["epochs"], on_epoch_record=record_epoch,
+                                            loss=objective.loss if objective is not None else None)
+        accuracy = history[-1]["test_accuracy"] if history else ctx.server.evaluate(trained)
+        record = {"seconds": time.perf_counter() - start, "accuracy": accuracy}
+        ctx.store.save(phase, record, trained)
+    tally.server["accuracy_finetuned"] = record["accuracy"]
+    tally.timing["finetune"] += record["seconds"]
+    return trained
+
+
+def update(ctx: RunContext, tally: Tally, weights: StateDict, phase: str = "update") -> None:
+    """Step 5: send the final weights to every edge, which replaces its model and evaluates it."""
+    start = time.perf_counter()
+    for ev in ctx.pool.evaluate(weights, phase=phase):
+        tally.edges[ev.name]["accuracy_after"] = ev.accuracy
+        tally.edges[ev.name]["test_samples"] = ev.test_samples
+        tally.bytes["downlink"] += ev.bytes_down
+        ctx.emit({"participant": ev.name, "phase": phase, "test_accuracy": ev.accuracy})
+    tally.timing["update"] += time.perf_counter() - start

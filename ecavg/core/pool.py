@@ -1,0 +1,39 @@
+"""``EdgePool``: how the server reaches its edges. The strategies are written against it; each runtime has one.
+
+The embedded runtime calls edge objects in the same process, the Flower runtime sends messages to edge agents.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Iterator, Mapping
+
+import torch
+
+from ecavg.core.records import EdgeEvaluation, EdgeReply
+from ecavg.data import ImageDataset
+
+
+class EdgePool(ABC):
+    """The server's view of its edges."""
+
+    @property
+    @abstractmethod
+    def names(self) -> list[str]: ...
+
+    @abstractmethod
+    def fit(self, weights: Mapping[str, torch.Tensor] | None, *, phase: str, epochs: int,
+            only: list[str] | None = None) -> Iterator[EdgeReply]:
+        """Each edge (or those in ``only``) trains from ``weights`` (None: its own random init) and replies."""
+
+    @abstractmethod
+    def evaluate(self, weights: Mapping[str, torch.Tensor], *, phase: str) -> Iterator[EdgeEvaluation]:
+        """Send ``weights`` to every edge; each replaces its model and evaluates it on its own test data."""
+
+    @abstractmethod
+    def training_data(self) -> ImageDataset:
+        """The union of the edges' training data, for the server (warm-up, fine-tuning, BN recalibration)."""
+
+    def sizes(self) -> dict[str, tuple[int, int]]:
+        """(train samples, test samples) per edge, where known before the edges reply."""
+        return {}
