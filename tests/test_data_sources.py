@@ -16,7 +16,9 @@ import torch
 from PIL import Image
 
 from ecavg.data import DATASET_NAMES, DataError, ImageDataset, load_dataset
-from ecavg.data import sources
+from ecavg.data import idx, imagefolder
+from ecavg.data.dataset import CIFAR10_CLASSES
+from ecavg.data.loading import compute_mean_std
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -168,7 +170,7 @@ def make_cifar10_folder(folder: Path) -> dict[str, dict]:
     folder.mkdir(parents=True)
     batches = {f"data_batch_{i}": cifar_batch(4, b"labels", i, 10, seed=i) for i in range(1, 6)}
     batches["test_batch"] = cifar_batch(3, b"labels", 7, 10, seed=9)
-    names = list(sources._CIFAR10_CLASSES)
+    names = list(CIFAR10_CLASSES)
     batches["batches.meta"] = {b"label_names": [n.encode() for n in names], b"num_cases_per_batch": 4}
     for member, content in batches.items():
         (folder / member).write_bytes(pickle.dumps(content, protocol=2))
@@ -318,7 +320,7 @@ def test_imagefolder_corrupt_image_names_file(tmp_path):
 
 
 def test_named_dataset_from_zip_in_its_folder(tmp_path):
-    names = list(sources._CIFAR10_CLASSES)
+    names = list(CIFAR10_CLASSES)
     make_image_tree(tmp_path / "tree", classes=names[::-1], per_class=1, size=(4, 4))
     (tmp_path / "data" / "cifar10").mkdir(parents=True)
     zip_tree(tmp_path / "tree", tmp_path / "data" / "cifar10" / "my-cifar.zip")
@@ -345,7 +347,7 @@ def test_cache_hit_does_not_decode(tmp_path, tmp_cache, monkeypatch):
     def must_not_decode(*args, **kwargs):
         raise AssertionError("decoded although the cache should have been used")
 
-    monkeypatch.setattr(sources, "_read_idx", must_not_decode)
+    monkeypatch.setattr(idx, "read_idx", must_not_decode)
     second = load_dataset("mnist", tmp_path / "data")
     assert torch.equal(first.train.images, second.train.images)
     assert torch.equal(first.test.labels, second.test.labels)
@@ -362,7 +364,7 @@ def test_imagefolder_cache_hit_skips_jpeg_decoding(tmp_path, monkeypatch):
     make_image_tree(tmp_path / "tree", fmt="JPEG")
     zip_tree(tmp_path / "tree", tmp_path / "pets.zip")
     first = load_dataset(f"imagefolder:{tmp_path / 'pets.zip'}")
-    monkeypatch.setattr(sources, "_decode_images", lambda *a, **k: pytest.fail("decoded on a cache hit"))
+    monkeypatch.setattr(imagefolder, "decode_images", lambda *a, **k: pytest.fail("decoded on a cache hit"))
     second = load_dataset(f"imagefolder:{tmp_path / 'pets.zip'}")
     assert torch.equal(first.train.images, second.train.images) and first.mean == second.mean
 
@@ -434,9 +436,9 @@ def test_real_cifar10_jpeg_zip_loads_in_standard_order(shared_datasets):
         pytest.skip("no cifar10/ in the shared datasets")
     splits = load_dataset("cifar10", root)
     assert splits.train.images.shape == (50000, 3, 32, 32) and splits.test.images.shape == (10000, 3, 32, 32)
-    assert splits.train.classes == list(sources._CIFAR10_CLASSES)
+    assert splits.train.classes == list(CIFAR10_CLASSES)
     assert splits.train.labels.bincount().tolist() == [5000] * 10
     assert splits.test.labels.bincount().tolist() == [1000] * 10
     # The decoded pixels match CIFAR-10's known channel means (JPEG shifts them only slightly).
-    means = sources.compute_mean_std(splits.train.images[::10])[0]
+    means = compute_mean_std(splits.train.images[::10])[0]
     assert np.allclose(means, (0.4914, 0.4822, 0.4465), atol=0.01)
