@@ -13,8 +13,8 @@ import os
 import re
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ecavg.errors import DataError
 
@@ -84,7 +84,7 @@ class DatasetCache:
             if len(mean) != train.images.shape[1] or len(std) != train.images.shape[1]:
                 raise ValueError("normalisation statistics do not match the channel count")
             return DatasetSplits(name, train, test, mean, std)
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - any unreadable entry is rebuilt, never fatal
             # stacklevel 3: the warning points at whoever called load_dataset.
             warnings.warn(
                 f"ignoring unreadable dataset cache {tensors_path} ({type(err).__name__}: {err}); rebuilding it",
@@ -119,7 +119,7 @@ class DatasetCache:
             }
             # The JSON is written last: a cache entry counts only once both files are complete.
             _atomic_write(meta_path, lambda tmp: tmp.write_text(json.dumps(meta, indent=1), encoding="utf-8"))
-        except Exception as err:  # a read-only or full disk must not stop the experiment
+        except Exception as err:  # noqa: BLE001 - a read-only or full disk must not stop the experiment
             warnings.warn(f"could not write dataset cache {tensors_path} ({type(err).__name__}: {err})",
                           RuntimeWarning, stacklevel=3)
 

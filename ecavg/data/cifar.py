@@ -5,12 +5,13 @@ from __future__ import annotations
 import io
 import pickle
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
+
 from ecavg.errors import DataError
 
 from .dataset import DataSource, ImageDataset, check_label_range
@@ -61,7 +62,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
     network; refusing every other global additionally means a tampered file cannot run code.
     """
 
-    _ALLOWED = {
+    _ALLOWED = frozenset({
         ("numpy.core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy.core.numeric", "_frombuffer"),
@@ -69,9 +70,9 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
         ("_codecs", "encode"),  # how Python 3 pickles bytes with protocol 2
-    }
+    })
 
-    def find_class(self, module: str, name: str):  # noqa: D401 - pickle API
+    def find_class(self, module: str, name: str):
         if (module, name) not in self._ALLOWED:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a dataset pickle")
         if module.startswith("numpy.core.") and hasattr(np, "_core"):

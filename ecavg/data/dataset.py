@@ -8,11 +8,12 @@ readers and the loader share one copy without importing each other.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
+
 from ecavg.errors import DataError
 
 IMAGEFOLDER_PREFIX = "imagefolder:"
@@ -71,7 +72,7 @@ class ImageDataset:
         """(C, H, W) of every image."""
         return tuple(self.images.shape[1:])  # type: ignore[return-value]
 
-    def subset(self, indices: torch.Tensor) -> "ImageDataset":
+    def subset(self, indices: torch.Tensor) -> ImageDataset:
         """A new dataset holding copies of the samples at `indices` (any integer tensor or sequence)."""
         index = torch.as_tensor(indices, dtype=torch.int64, device=self.images.device).reshape(-1)
         if index.numel() and (int(index.min()) < -len(self) or int(index.max()) >= len(self)):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from ecavg.errors import DataError
 
 from .dataset import DataSource, ImageDataset, check_label_range

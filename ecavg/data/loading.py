@@ -19,6 +19,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import torch
+
 from ecavg.errors import DataError
 
 from .cache import DatasetCache, default_cache_dir, source_fingerprint
@@ -33,7 +34,12 @@ from .dataset import (
     known_class_names,
 )
 from .idx import IDX_FILES, idx_source
-from .imagefolder import imagefolder_dir_source, imagefolder_source, imagefolder_zip_source, zip_tree_prefix_of_file
+from .imagefolder import (
+    imagefolder_dir_source,
+    imagefolder_source,
+    imagefolder_zip_source,
+    zip_tree_prefix_of_file,
+)
 
 # torchvision's dataset classes, used only for download=True (and to find the raw/ folder they write).
 _TORCHVISION_CLASS = {
