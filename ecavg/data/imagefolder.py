@@ -1,7 +1,8 @@
 """Image-folder datasets `train/<class>/*` + `test/<class>/*`, as a directory or inside a `.zip`, and image decoding.
 
-Classes are the train/ folders (sorted, numerically if all are numbers) and every test/ class must exist in
-train/. Images are decoded once into one uint8 tensor; JPEGs in batches through torchvision, the rest via PIL.
+Both forms follow the same rules: classes are the train/ folders (sorted, numerically if all are numbers), a train/
+class folder without images is refused (it would shift every later class index), and every test/ class must exist
+in train/. Images are decoded once into one uint8 tensor; JPEGs in batches through torchvision, the rest via PIL.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ import os
 import struct
 import warnings
 import zipfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
+
 from ecavg.errors import DataError
 
 from .dataset import DataSource, ImageDataset
@@ -28,6 +30,7 @@ IMAGE_EXTENSIONS = frozenset(
 # PIL modes that hold a single grey channel (alpha, where present, is dropped).
 _GREY_PIL_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 _JPEG_MAGIC = b"\xff\xd8\xff"
+_ZIP_MAGIC = b"PK"
 _DECODE_CHUNK = 4096
 
 
@@ -58,7 +61,27 @@ def imagefolder_source(path: Path, name: str) -> DataSource:
     if path.is_file():
         if zipfile.is_zipfile(path):
             return imagefolder_zip_source(path, name)
+        if _looks_like_zip(path):
+            try:
+                zipfile.ZipFile(path).close()
+            except (zipfile.BadZipFile, OSError, ValueError) as err:
+                raise corrupt_zip_error(path, err) from err
     raise DataError(f"{path}: expected a directory or a .zip holding train/<class>/* and test/<class>/* images")
+
+
+def _looks_like_zip(path: Path) -> bool:
+    if path.suffix.lower() == ".zip":
+        return True
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(len(_ZIP_MAGIC)) == _ZIP_MAGIC
+    except OSError:
+        return False
+
+
+def corrupt_zip_error(path: Path, err: Exception) -> DataError:
+    """The error for a zip whose directory cannot be read (a truncated download, a damaged file)."""
+    return DataError(f"{path}: corrupt or truncated zip, its directory cannot be read ({type(err).__name__}: {err})")
 
 
 # --------------------------------------------------------------------------------------------
@@ -133,7 +156,8 @@ def imagefolder_zip_source(path: Path, name: str) -> DataSource:
     def read() -> tuple[ImageDataset, ImageDataset]:
         try:
             with open(path, "rb") as handle, zipfile.ZipFile(handle) as archive:
-                prefix = _zip_tree_prefix(archive.namelist())
+                member_names = archive.namelist()
+                prefix = _zip_tree_prefix(member_names)
                 if prefix is None:
                     raise DataError(
                         f"{path}: no train/<class>/* and test/<class>/* folders inside "
@@ -141,13 +165,29 @@ def imagefolder_zip_source(path: Path, name: str) -> DataSource:
                     )
                 with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
                     files = list(_zip_image_files(path, archive, mapped, prefix))
-                    return _decode_image_folder(files, str(path), class_dir_names=None)
-        except (zipfile.BadZipFile, OSError, ValueError) as err:
+                    class_dir_names = _zip_class_dir_names(member_names, prefix)
+                    return _decode_image_folder(files, str(path), class_dir_names=class_dir_names)
+        except zipfile.BadZipFile as err:
+            raise corrupt_zip_error(path, err) from err
+        except (OSError, ValueError) as err:
             if isinstance(err, DataError):
                 raise
             raise DataError(f"{path}: cannot read zip ({type(err).__name__}: {err})") from err
 
     return DataSource("imagefolder-zip", [path], read, str(path))
+
+
+def _zip_class_dir_names(member_names: list[str], prefix: str) -> list[str]:
+    """The train/<class>/ folders in the zip, with or without images (what `_class_dir_names` is for a directory)."""
+    train = prefix + "train/"
+    names = set()
+    for member in member_names:
+        if member.startswith(train):
+            parts = member[len(train):].split("/")
+            # "train/<class>/" (the folder's own entry) or "train/<class>/<anything>"; not a file directly in train/.
+            if len(parts) >= 2 and parts[0] and not parts[0].startswith("."):
+                names.add(parts[0])
+    return sorted(names)
 
 
 def _zip_image_files(path: Path, archive: zipfile.ZipFile, mapped: mmap.mmap, prefix: str) -> Iterator[_ImageFile]:
@@ -269,19 +309,24 @@ def _decode_jpeg_batch(blobs: list[bytes]) -> list[torch.Tensor] | None:
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", UserWarning)
             return list(decode_jpeg(tensors, mode=ImageReadMode.UNCHANGED))
-    except Exception:
+    except Exception:  # noqa: BLE001 - whatever failed, PIL is the fallback
         return None  # one bad file fails the whole batch; PIL then decodes one by one and names it
 
 
 def _decode_with_pil(blob: bytes, file_name: str) -> torch.Tensor:
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
+    buffer = io.BytesIO(blob)
     try:
-        with Image.open(io.BytesIO(blob)) as image:
+        with Image.open(buffer) as image:
             image.load()
             converted = image.convert("L" if image.mode in _GREY_PIL_MODES else "RGB")
+    except UnidentifiedImageError as err:
+        raise DataError(f"{file_name}: cannot decode image (not in an image format that PIL recognises)") from err
     except Exception as err:
-        raise DataError(f"{file_name}: cannot decode image ({type(err).__name__}: {err})") from err
+        # PIL names the in-memory buffer ("<_io.BytesIO object at 0x...>"), which says nothing: file_name is the name.
+        detail = " ".join(str(err).replace(repr(buffer), "").split())
+        raise DataError(f"{file_name}: cannot decode image ({type(err).__name__}: {detail})") from err
     array = np.array(converted, dtype=np.uint8)  # a writable copy
     if array.ndim == 2:
         array = array[None]
