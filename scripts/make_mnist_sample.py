@@ -20,7 +20,7 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from ecavg.data.sources import _IDX_FILES, _find_idx_file, _read_idx  # noqa: E402  (our own IDX reader)
+from ecavg.data.idx import IDX_FILES, find_idx_file, read_idx  # noqa: E402  (our own IDX reader)
 
 TRAIN_PER_CLASS = 400
 TEST_PER_CLASS = 100
@@ -55,12 +55,12 @@ def main() -> None:
     rng = np.random.default_rng(SEED)
     args.output.mkdir(parents=True, exist_ok=True)
     for split, per_class in (("train", TRAIN_PER_CLASS), ("test", TEST_PER_CLASS)):
-        image_name, label_name = _IDX_FILES[f"{split}_images"], _IDX_FILES[f"{split}_labels"]
-        image_path, label_path = _find_idx_file(args.source, image_name), _find_idx_file(args.source, label_name)
+        image_name, label_name = IDX_FILES[f"{split}_images"], IDX_FILES[f"{split}_labels"]
+        image_path, label_path = find_idx_file(args.source, image_name), find_idx_file(args.source, label_name)
         if image_path is None or label_path is None:
             raise SystemExit(f"{args.source}: missing {image_name} or {label_name} (.gz or uncompressed)")
-        images = _read_idx(image_path, expected_ndim=3).numpy()
-        labels = _read_idx(label_path, expected_ndim=1).numpy()
+        images = read_idx(image_path, expected_ndim=3).numpy()
+        labels = read_idx(label_path, expected_ndim=1).numpy()
         keep = balanced_sample(labels, per_class, rng)
         write_idx_gz(args.output / f"{image_name}.gz", images[keep])
         write_idx_gz(args.output / f"{label_name}.gz", labels[keep])

@@ -15,8 +15,16 @@ import pytest
 import torch
 from PIL import Image
 
-from ecavg.data import DATASET_NAMES, DataError, ImageDataset, load_dataset
-from ecavg.data import sources
+from ecavg.data import (
+    DATASET_NAMES,
+    DataError,
+    ImageDataset,
+    idx,
+    imagefolder,
+    load_dataset,
+)
+from ecavg.data.dataset import CIFAR10_CLASSES
+from ecavg.data.loading import compute_mean_std
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -168,7 +176,7 @@ def make_cifar10_folder(folder: Path) -> dict[str, dict]:
     folder.mkdir(parents=True)
     batches = {f"data_batch_{i}": cifar_batch(4, b"labels", i, 10, seed=i) for i in range(1, 6)}
     batches["test_batch"] = cifar_batch(3, b"labels", 7, 10, seed=9)
-    names = list(sources._CIFAR10_CLASSES)
+    names = list(CIFAR10_CLASSES)
     batches["batches.meta"] = {b"label_names": [n.encode() for n in names], b"num_cases_per_batch": 4}
     for member, content in batches.items():
         (folder / member).write_bytes(pickle.dumps(content, protocol=2))
@@ -317,8 +325,106 @@ def test_imagefolder_corrupt_image_names_file(tmp_path):
         load_dataset(f"imagefolder:{tmp_path / 'pets'}")
 
 
+def one_line_error(*args) -> str:
+    """The message of the DataError that load_dataset(*args) raises, checked to be one line."""
+    with pytest.raises(DataError) as info:
+        load_dataset(*args)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_imagefolder_zip_refuses_empty_class_folder_like_a_directory(tmp_path):
+    # "aardvark" sorts first: dropping it silently would shift every other class index by one.
+    make_image_tree(tmp_path / "pets")
+    (tmp_path / "pets" / "train" / "aardvark").mkdir()
+    with pytest.raises(DataError, match="pets: train/ class folders without images: aardvark"):
+        load_dataset(f"imagefolder:{tmp_path / 'pets'}")
+    for prefix in ("", "pets/"):
+        archive = tmp_path / f"pets{len(prefix)}.zip"
+        zip_tree(tmp_path / "pets", archive, prefix=prefix)
+        message = one_line_error(f"imagefolder:{archive}")
+        assert message == f"{archive}: train/ class folders without images: aardvark"
+
+
+def test_imagefolder_zip_class_folder_with_only_other_files_is_refused(tmp_path):
+    # A zip need not hold entries for its folders: a class seen only through a non-image file counts as a folder.
+    png = io_png(Image.new("RGB", (4, 4), (1, 2, 3)))
+    archive = tmp_path / "pets.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for split in ("train", "test"):
+            zf.writestr(f"{split}/bee/0.png", png)
+            zf.writestr(f"{split}/cat/0.png", png)
+        zf.writestr("train/ant/notes.txt", "no pictures here")
+        zf.writestr("train/.hidden/notes.txt", "hidden folders are skipped, as in a directory")
+        zf.writestr("train/readme.txt", "a file directly in train/ is not a class")
+    with pytest.raises(DataError, match=r"pets\.zip: train/ class folders without images: ant$"):
+        load_dataset(f"imagefolder:{archive}")
+    # Without the image-less folder, the same zip (still without folder entries) loads.
+    fixed = tmp_path / "fixed.zip"
+    with zipfile.ZipFile(archive) as source, zipfile.ZipFile(fixed, "w") as zf:
+        for member in source.namelist():
+            if not member.startswith("train/ant/"):
+                zf.writestr(member, source.read(member))
+    splits = load_dataset(f"imagefolder:{fixed}")
+    assert splits.train.classes == ["bee", "cat"] and splits.train.labels.tolist() == [0, 1]
+
+
+def io_png(image: Image.Image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_truncated_zip_is_reported_as_corrupt(tmp_path):
+    make_image_tree(tmp_path / "tree")
+    whole = tmp_path / "whole.zip"
+    zip_tree(tmp_path / "tree", whole)
+    raw = whole.read_bytes()
+    for cut in (len(raw) // 2, len(raw) - 10, 0):
+        archive = tmp_path / "pets.zip"
+        archive.write_bytes(raw[:cut])
+        message = one_line_error(f"imagefolder:{archive}")
+        assert message.startswith(f"{archive}: corrupt or truncated zip"), message
+    # Damaged but named otherwise: the zip signature still gives it away.
+    renamed = tmp_path / "pets.bin"
+    renamed.write_bytes(raw[: len(raw) // 2])
+    assert one_line_error(f"imagefolder:{renamed}").startswith(
+        f"{renamed}: corrupt or truncated zip"
+    )
+    # Not a zip at all: still the plain "expected a directory or a .zip".
+    other = tmp_path / "pets.tar"
+    other.write_bytes(b"not an archive")
+    with pytest.raises(DataError, match=r"pets\.tar: expected a directory or a \.zip"):
+        load_dataset(f"imagefolder:{other}")
+    # The same truncated zip found in a named dataset's folder.
+    (tmp_path / "data" / "cifar10").mkdir(parents=True)
+    (tmp_path / "data" / "cifar10" / "my-cifar.zip").write_bytes(raw[: len(raw) // 2])
+    message = one_line_error("cifar10", tmp_path / "data")
+    assert message.startswith(f"{tmp_path / 'data' / 'cifar10' / 'my-cifar.zip'}: corrupt or truncated zip"), message
+
+
+@pytest.mark.parametrize("as_zip", [False, True])
+@pytest.mark.parametrize("damage", ["unknown-format", "truncated-png"])
+def test_undecodable_image_names_the_file_not_a_buffer(tmp_path, as_zip, damage):
+    # PIL's own messages name the in-memory buffer ("<_io.BytesIO object at 0x...>"); ours name the file.
+    make_image_tree(tmp_path / "pets")
+    target = tmp_path / "pets" / "train" / "cat" / "001.png"
+    noisy = Image.frombytes("RGB", (6, 5), np.random.default_rng(0).integers(0, 256, 90, dtype=np.uint8).tobytes())
+    target.write_bytes(b"not an image at all" if damage == "unknown-format" else io_png(noisy)[:-30])
+    if as_zip:
+        zip_tree(tmp_path / "pets", tmp_path / "pets.zip")
+        name, where = f"imagefolder:{tmp_path / 'pets.zip'}", f"{tmp_path / 'pets.zip'}:train/cat/001.png"
+    else:
+        name, where = f"imagefolder:{tmp_path / 'pets'}", str(tmp_path / "pets" / "train" / "cat" / "001.png")
+    message = one_line_error(name)
+    assert message.startswith(f"{where}: cannot decode image ("), message
+    assert "BytesIO" not in message and " at 0x" not in message, message
+
 def test_named_dataset_from_zip_in_its_folder(tmp_path):
-    names = list(sources._CIFAR10_CLASSES)
+    names = list(CIFAR10_CLASSES)
     make_image_tree(tmp_path / "tree", classes=names[::-1], per_class=1, size=(4, 4))
     (tmp_path / "data" / "cifar10").mkdir(parents=True)
     zip_tree(tmp_path / "tree", tmp_path / "data" / "cifar10" / "my-cifar.zip")
@@ -345,7 +451,7 @@ def test_cache_hit_does_not_decode(tmp_path, tmp_cache, monkeypatch):
     def must_not_decode(*args, **kwargs):
         raise AssertionError("decoded although the cache should have been used")
 
-    monkeypatch.setattr(sources, "_read_idx", must_not_decode)
+    monkeypatch.setattr(idx, "read_idx", must_not_decode)
     second = load_dataset("mnist", tmp_path / "data")
     assert torch.equal(first.train.images, second.train.images)
     assert torch.equal(first.test.labels, second.test.labels)
@@ -362,7 +468,7 @@ def test_imagefolder_cache_hit_skips_jpeg_decoding(tmp_path, monkeypatch):
     make_image_tree(tmp_path / "tree", fmt="JPEG")
     zip_tree(tmp_path / "tree", tmp_path / "pets.zip")
     first = load_dataset(f"imagefolder:{tmp_path / 'pets.zip'}")
-    monkeypatch.setattr(sources, "_decode_images", lambda *a, **k: pytest.fail("decoded on a cache hit"))
+    monkeypatch.setattr(imagefolder, "decode_images", lambda *a, **k: pytest.fail("decoded on a cache hit"))
     second = load_dataset(f"imagefolder:{tmp_path / 'pets.zip'}")
     assert torch.equal(first.train.images, second.train.images) and first.mean == second.mean
 
@@ -434,9 +540,9 @@ def test_real_cifar10_jpeg_zip_loads_in_standard_order(shared_datasets):
         pytest.skip("no cifar10/ in the shared datasets")
     splits = load_dataset("cifar10", root)
     assert splits.train.images.shape == (50000, 3, 32, 32) and splits.test.images.shape == (10000, 3, 32, 32)
-    assert splits.train.classes == list(sources._CIFAR10_CLASSES)
+    assert splits.train.classes == list(CIFAR10_CLASSES)
     assert splits.train.labels.bincount().tolist() == [5000] * 10
     assert splits.test.labels.bincount().tolist() == [1000] * 10
     # The decoded pixels match CIFAR-10's known channel means (JPEG shifts them only slightly).
-    means = sources.compute_mean_std(splits.train.images[::10])[0]
+    means = compute_mean_std(splits.train.images[::10])[0]
     assert np.allclose(means, (0.4914, 0.4822, 0.4465), atol=0.01)

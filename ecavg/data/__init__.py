@@ -1,8 +1,15 @@
-"""Datasets in memory (`load_dataset`), edge partitions, and the batch pipeline (`TensorLoader`)."""
+"""Datasets in memory (`load_dataset`), edge partitions, and the batch pipeline (`TensorLoader`).
 
+Modules: `dataset` (the types and the name registry), `loading` (`load_dataset`: format detection, checks),
+`idx`, `cifar`, `imagefolder` (one per source format), `cache` (decoded tensors on disk), `partition`, `pipeline`.
+"""
+
+from ecavg.errors import DataError
+
+from .dataset import DATASET_NAMES, DatasetSplits, ImageDataset
+from .loading import load_dataset
 from .partition import PARTITION_SCHEMES, partition_indices, partition_test_like
 from .pipeline import TensorLoader
-from .sources import DATASET_NAMES, DataError, DatasetSplits, ImageDataset, load_dataset
 
 __all__ = [
     "DATASET_NAMES",

@@ -12,7 +12,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from .sources import ImageDataset
+from .dataset import ImageDataset
 
 __all__ = ["TensorLoader"]
 
