@@ -194,8 +194,11 @@ class RunDirectory:
         return cls(path), cfg, data_dir
 
     def start(self, cfg: Mapping[str, Any], data_dir: str | None) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self.path / RUN_CONFIG, json.dumps({"config": cfg, "data_dir": data_dir}, indent=2))
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.path / RUN_CONFIG, json.dumps({"config": cfg, "data_dir": data_dir}, indent=2))
+        except OSError as error:
+            raise ConfigError(f"--output {self.path} cannot be written: {error.strerror or error}") from None
 
     @property
     def store(self) -> PhaseStore:
