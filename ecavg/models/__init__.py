@@ -7,6 +7,7 @@ torchvision_adapt.py: torchvision networks adapted to small images; pretrained.p
 from ecavg.errors import ModelError
 from ecavg.models.pretrained import load_pretrained
 from ecavg.models.registry import (
+    MODEL_NAME_ATTRIBUTE,
     MODELS,
     ModelSpec,
     Option,
@@ -20,6 +21,7 @@ from ecavg.models.torchvision_adapt import uses_channels_last
 
 __all__ = [
     "MODELS",
+    "MODEL_NAME_ATTRIBUTE",
     "ModelError",
     "ModelSpec",
     "Option",
