@@ -1,4 +1,4 @@
-"""Tests for ecavg.models: building every registered model, options, and loading pretrained weights."""
+"""Tests for ecavg.models: building every registered model, options, heads, and loading pretrained weights."""
 
 from __future__ import annotations
 
@@ -7,7 +7,20 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ecavg.models import ModelError, available_models, build_model, load_pretrained, uses_channels_last
+from ecavg.models import (
+    MODEL_NAME_ATTRIBUTE,
+    MODELS,
+    ModelError,
+    ModelSpec,
+    Option,
+    available_models,
+    batchnorm_keys,
+    build_model,
+    classifier_head,
+    head_keys,
+    load_pretrained,
+    uses_channels_last,
+)
 
 MNIST_SHAPE = (1, 28, 28)
 CIFAR_SHAPE = (3, 32, 32)
@@ -253,3 +266,118 @@ def test_load_pretrained_bad_files(tmp_path) -> None:
     torch.save({"weights": nn.Linear(2, 2)}, unsafe)  # a pickled module, refused by weights_only loading
     with pytest.raises(ModelError, match="unsafe.pt"):
         load_pretrained(model, unsafe)
+
+
+# --------------------------------------------------------------------------------------------------
+# Classifier head and BatchNorm lookup (what update.keep_local = ["head"] / ["bn"] keeps on an edge)
+# --------------------------------------------------------------------------------------------------
+
+BUILT_IN_HEADS = {"mlp": "classifier", "cnn": "classifier", "mobilenet_v2": "classifier.1", "resnet18": "fc",
+                  "resnet50": "fc"}
+
+
+def test_every_registered_model_declares_its_head() -> None:
+    assert {name: spec.head for name, spec in MODELS.items()} == BUILT_IN_HEADS
+
+
+@pytest.mark.parametrize("name", list(BUILT_IN_HEADS))
+def test_classifier_head_of_built_in_models(name: str) -> None:
+    model = _build(name, CIFAR_SHAPE, num_classes=7)
+    path, head = classifier_head(model)
+    assert path == BUILT_IN_HEADS[name]
+    assert isinstance(head, nn.Linear) and head.out_features == 7
+    assert head is model.get_submodule(path)
+    assert head_keys(model) == [f"{path}.weight", f"{path}.bias"]
+    state = model.state_dict()
+    assert all(state[key].shape[0] == 7 for key in head_keys(model))
+    # The structural rule used for other torchvision models agrees with every declared head.
+    delattr(model, MODEL_NAME_ATTRIBUTE)
+    assert classifier_head(model)[0] == path
+
+
+@pytest.mark.parametrize(
+    ("name", "path", "layer_type"),
+    [("shufflenet_v2_x0_5", "fc", nn.Linear), ("mobilenet_v3_small", "classifier.3", nn.Linear),
+     ("squeezenet1_1", "classifier.1", nn.Conv2d)],
+)
+def test_classifier_head_of_other_torchvision_models(name: str, path: str, layer_type: type) -> None:
+    model = _build(name, MNIST_SHAPE, num_classes=7)
+    found_path, head = classifier_head(model)
+    assert found_path == path and isinstance(head, layer_type)
+    assert (head.out_features if isinstance(head, nn.Linear) else head.out_channels) == 7
+    assert head_keys(model) == [f"{path}.weight", f"{path}.bias"]
+
+
+def test_no_identifiable_head_raises_naming_the_model() -> None:
+    plain = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    with pytest.raises(ModelError, match="model of type Sequential: cannot identify its classifier head"):
+        classifier_head(plain)
+    with pytest.raises(ModelError, match="Sequential"):
+        head_keys(plain)
+
+    class HeadNotLast(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.projection = nn.Linear(4, 2)
+
+    with pytest.raises(ModelError, match="last Linear/Conv2d is 'projection', not inside 'fc'"):
+        classifier_head(HeadNotLast())
+
+    mlp = _build("mlp", MNIST_SHAPE, hidden=8)
+    mlp.classifier = nn.Identity()
+    with pytest.raises(ModelError, match="model 'mlp': its classifier head 'classifier' is a Identity"):
+        head_keys(mlp)
+    del mlp.classifier
+    with pytest.raises(ModelError, match="model 'mlp': its classifier head 'classifier' is missing"):
+        classifier_head(mlp)
+
+
+def test_batchnorm_keys() -> None:
+    assert batchnorm_keys(_build("mlp", MNIST_SHAPE, hidden=8)) == []
+    cnn = _build("cnn", MNIST_SHAPE, width=8)
+    assert batchnorm_keys(cnn) == [
+        f"features.{block}.1.{key}"
+        for block in range(3)
+        for key in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    ]
+    resnet = _build("resnet18", CIFAR_SHAPE)
+    keys = batchnorm_keys(resnet)
+    # bn1, two per basic block (8 blocks), one per downsample (3): 20 BatchNorm layers of 5 entries each.
+    assert len(keys) == 100 and len(set(keys)) == 100
+    assert {"bn1.weight", "layer4.1.bn2.running_var", "layer2.0.downsample.1.num_batches_tracked"} <= set(keys)
+    assert set(keys) <= set(resnet.state_dict())
+    assert not any(key.startswith(("conv1.", "fc.")) for key in keys)
+
+
+def test_registering_a_model_is_one_entry(monkeypatch) -> None:
+    def build_tiny(*, num_classes: int, in_channels: int, image_size: int, hidden: int) -> nn.Module:
+        return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size * image_size, hidden),
+                             nn.Linear(hidden, num_classes))
+
+    def positive(name: str, key: str, value) -> int:
+        if not isinstance(value, int) or value <= 0:
+            raise ModelError(f"model {name!r}: option {key!r} must be positive, got {value!r}")
+        return value
+
+    monkeypatch.setitem(MODELS, "tiny", ModelSpec(build_tiny, head="2", options={"hidden": Option(5, positive)}))
+    assert "tiny" in available_models()
+    model = _build("tiny", MNIST_SHAPE, num_classes=3)
+    assert model[1].out_features == 5
+    assert head_keys(model) == ["2.weight", "2.bias"]
+    with pytest.raises(ModelError, match="'hidden' must be positive"):
+        _build("tiny", MNIST_SHAPE, hidden=0)
+    with pytest.raises(ModelError, match="unknown option.*'width'; allowed options are hidden"):
+        _build("tiny", MNIST_SHAPE, width=2)
+
+
+def test_load_pretrained_without_identifiable_head_needs_every_key(tmp_path) -> None:
+    source = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    path = tmp_path / "plain.safetensors"
+    save_file(source.state_dict(), str(path))
+    target = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    assert load_pretrained(target, path) == []
+    _assert_same_tensors(target.state_dict(), source.state_dict(), source.state_dict())
+    # No head to replace: a last layer of another size is a mismatch, not a replaced head.
+    with pytest.raises(ModelError, match="shape mismatch: 1.weight"):
+        load_pretrained(nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 5)), path)

@@ -1,109 +1,52 @@
-"""Model registry: builds the networks ECAvg trains and loads pretrained weights into them.
+"""Model registry: one entry per network we name, with its builder, its options and its classifier head.
 
-Our own names (``mlp``, ``cnn``) and the adapted torchvision networks (``mobilenet_v2``, ``resnet18``,
-``resnet50``) take validated options; any other torchvision classification model can be built by name.
-Weights are never downloaded here: every model starts randomly initialised and ``load_pretrained`` only
-reads local files.
+``MODELS`` maps a name to a ``ModelSpec``. Adding a model is one entry here plus its builder (in ``small.py``,
+``torchvision_adapt.py`` or a new module): the builder receives ``num_classes``, ``in_channels``, ``image_size``
+and the checked options as keyword arguments. Any other torchvision classification model can be built by name;
+its options go to torchvision unchecked and its head is found from its module structure.
+
+The head is what a personalised update keeps local (``update.keep_local = ["head"]``) and what
+``load_pretrained`` may replace when the number of classes differs, so it is looked up here and nowhere else.
 """
 
 from __future__ import annotations
 
 import difflib
 from collections.abc import Callable, Mapping
-from pathlib import Path
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
-import torch
 from torch import nn
+
 from ecavg.errors import ModelError
+from ecavg.models.small import build_cnn, build_mlp
+from ecavg.models.torchvision_adapt import (
+    TORCHVISION_NOTE,
+    build_mobilenet_v2,
+    build_resnet,
+    build_torchvision,
+    torchvision_classification_models,
+)
 
 __all__ = [
-    "ModelError",
-    "build_model",
-    "load_pretrained",
-    "available_models",
-    "uses_channels_last",
     "HEAD_MODULE_NAMES",
+    "MODELS",
+    "MODEL_NAME_ATTRIBUTE",
+    "ModelError",
+    "ModelSpec",
+    "Option",
+    "available_models",
+    "batchnorm_keys",
+    "build_model",
+    "classifier_head",
+    "head_keys",
 ]
 
 
-
-# Top-level module names that hold a classifier head: torchvision's names plus our `classifier`.
-HEAD_MODULE_NAMES: frozenset[str] = frozenset({"fc", "classifier", "heads", "head"})
-
-# Prefixes added by wrappers around a model (DataParallel/DDP, torch.compile) that are not part of its keys.
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-_TORCHVISION_NOTE = (
-    "any torchvision classification model by name, e.g. shufflenet_v2_x0_5, efficientnet_b0 "
-    "(see torchvision.models.list_models(module=torchvision.models))"
-)
-
-
 # --------------------------------------------------------------------------------------------------
-# Our own small models
+# Option checks: (model name, option key, value) -> the value to use, or a ModelError naming both
 # --------------------------------------------------------------------------------------------------
-
-
-class MLP(nn.Module):
-    """Flatten -> Linear -> ReLU -> (Dropout) -> Linear: the one-hidden-layer network of the ECAvg paper."""
-
-    def __init__(self, in_features: int, hidden: int, num_classes: int, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.flatten = nn.Flatten()
-        self.hidden = nn.Linear(in_features, hidden)
-        self.activation = nn.ReLU(inplace=True)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.classifier = nn.Linear(hidden, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.dropout(self.activation(self.hidden(self.flatten(x)))))
-
-
-class SmallCNN(nn.Module):
-    """Three conv blocks (conv3x3 + BatchNorm + ReLU, then pooling) and a linear head.
-
-    The last block ends in global average pooling, so the same network fits 28x28 MNIST and 32x32 CIFAR.
-    """
-
-    def __init__(self, in_channels: int, num_classes: int, width: int = 32) -> None:
-        super().__init__()
-
-        def block(cin: int, cout: int, pool: nn.Module) -> nn.Sequential:
-            # bias=False: the following BatchNorm has its own shift.
-            return nn.Sequential(
-                nn.Conv2d(cin, cout, kernel_size=3, padding=1, bias=False),
-                nn.BatchNorm2d(cout),
-                nn.ReLU(inplace=True),
-                pool,
-            )
-
-        self.features = nn.Sequential(
-            block(in_channels, width, nn.MaxPool2d(2)),
-            block(width, 2 * width, nn.MaxPool2d(2)),
-            block(2 * width, 4 * width, nn.AdaptiveAvgPool2d(1)),
-            nn.Flatten(),
-        )
-        self.classifier = nn.Linear(4 * width, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
-
-
-# --------------------------------------------------------------------------------------------------
-# Option validation
-# --------------------------------------------------------------------------------------------------
-
-
-def _check_option_keys(name: str, options: Mapping[str, Any], allowed: Mapping[str, Any]) -> dict[str, Any]:
-    """Return `allowed` defaults overridden by `options`; an unknown key is a ModelError."""
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ModelError(
-            f"model {name!r}: unknown option(s) {', '.join(repr(k) for k in unknown)}; "
-            f"allowed options are {', '.join(sorted(allowed)) or '(none)'}"
-        )
-    return {**allowed, **options}
 
 
 def _positive_int(name: str, key: str, value: Any) -> int:
@@ -130,142 +73,70 @@ def _boolean(name: str, key: str, value: Any) -> bool:
     return value
 
 
-# --------------------------------------------------------------------------------------------------
-# Helpers for adapting torchvision networks
-# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Option:
+    """One model option: its default and the check its value must pass."""
+
+    default: Any
+    check: Callable[[str, str, Any], Any]
 
 
-def _first_conv(model: nn.Module) -> tuple[str, nn.Conv2d] | None:
-    """The first Conv2d in registration order, which for torchvision classifiers is the one applied first."""
-    for module_name, module in model.named_modules():
-        if isinstance(module, nn.Conv2d):
-            return module_name, module
-    return None
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registered model: `build(num_classes=, in_channels=, image_size=, **options)`, the options it takes
+    (in the order they are checked), and `head`, the module path of its final classifier layer."""
 
+    build: Callable[..., nn.Module]
+    head: str
+    options: Mapping[str, Option] = field(default_factory=dict)
 
-def _replace_module(model: nn.Module, dotted_name: str, new_module: nn.Module) -> None:
-    parent_name, _, child_name = dotted_name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child_name, new_module)
-
-
-def _new_conv_like(
-    conv: nn.Conv2d,
-    *,
-    in_channels: int,
-    kernel_size: int | tuple[int, int] | None = None,
-    stride: int | tuple[int, int] | None = None,
-    padding: int | tuple[int, int] | str | None = None,
-) -> nn.Conv2d:
-    """A fresh Conv2d with the same output channels as `conv`, initialised like torchvision's CNNs."""
-    new_conv = nn.Conv2d(
-        in_channels,
-        conv.out_channels,
-        kernel_size=conv.kernel_size if kernel_size is None else kernel_size,
-        stride=conv.stride if stride is None else stride,
-        padding=conv.padding if padding is None else padding,
-        dilation=conv.dilation,
-        groups=1,
-        bias=conv.bias is not None,
-        padding_mode=conv.padding_mode,
-    )
-    # torchvision's ResNet/MobileNet/EfficientNet use He init with fan_out for their convolutions.
-    nn.init.kaiming_normal_(new_conv.weight, mode="fan_out", nonlinearity="relu")
-    if new_conv.bias is not None:
-        nn.init.zeros_(new_conv.bias)
-    return new_conv
-
-
-def _adapt_input_channels(model: nn.Module, name: str, in_channels: int) -> None:
-    """Replace the first conv when the data does not have the 3 channels torchvision networks expect."""
-    found = _first_conv(model)
-    if found is None:
-        raise ModelError(f"model {name!r} has no Conv2d layer, so its input channels cannot be set to {in_channels}")
-    conv_name, conv = found
-    if conv.in_channels == in_channels:
-        return
-    if conv.groups != 1:
-        raise ModelError(
-            f"model {name!r}: first conv {conv_name!r} is grouped (groups={conv.groups}); "
-            f"cannot change its input channels to {in_channels}"
-        )
-    _replace_module(model, conv_name, _new_conv_like(conv, in_channels=in_channels))
-
-
-def _build_resnet(
-    name: str, factory: Callable[..., nn.Module], num_classes: int, in_channels: int, options: Mapping[str, Any]
-) -> nn.Module:
-    opts = _check_option_keys(name, options, {"cifar_stem": False})
-    cifar_stem = _boolean(name, "cifar_stem", opts["cifar_stem"])
-    model = factory(weights=None, num_classes=num_classes)
-    if cifar_stem:
-        # A 7x7/2 conv plus 3x3/2 max-pool shrinks 32x32 images to 8x8 before the first block; small inputs
-        # keep their resolution with a 3x3/1 conv and no pooling (the usual CIFAR ResNet stem).
-        model.conv1 = _new_conv_like(model.conv1, in_channels=in_channels, kernel_size=3, stride=1, padding=1)
-        model.maxpool = nn.Identity()
-    else:
-        _adapt_input_channels(model, name, in_channels)
-    return model
-
-
-def _tv_models():
-    """torchvision.models, imported on first use: the import costs seconds per process (every Flower ClientApp
-    process pays it), and the MLP and CNN do not need it."""
-    import torchvision.models
-
-    return torchvision.models
-
-
-def _build_mobilenet_v2(name: str, num_classes: int, in_channels: int, options: Mapping[str, Any]) -> nn.Module:
-    opts = _check_option_keys(name, options, {"cifar_stem": False, "width_mult": 1.0, "dropout": 0.2})
-    cifar_stem = _boolean(name, "cifar_stem", opts["cifar_stem"])
-    model = _tv_models().mobilenet_v2(
-        weights=None,
-        num_classes=num_classes,
-        width_mult=_positive_float(name, "width_mult", opts["width_mult"]),
-        dropout=_probability(name, "dropout", opts["dropout"]),
-    )
-    if cifar_stem:
-        # Stride 1 in the stem keeps 32x32 inputs at 32x32 into the first inverted residual block.
-        stem_conv = model.features[0][0]
-        _replace_module(model, "features.0.0", _new_conv_like(stem_conv, in_channels=in_channels, stride=1))
-    else:
-        _adapt_input_channels(model, name, in_channels)
-    return model
-
-
-def _build_torchvision(name: str, num_classes: int, in_channels: int, options: Mapping[str, Any]) -> nn.Module:
-    for forbidden in ("weights", "weights_backbone", "num_classes"):
-        if forbidden in options:
+    def checked_options(self, name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+        """Defaults overridden by `options`, each value checked; an unknown key is a ModelError."""
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
             raise ModelError(
-                f"model {name!r}: option {forbidden!r} is not allowed (weights are never downloaded here; "
-                "num_classes comes from the dataset); load local weights with load_pretrained instead"
+                f"model {name!r}: unknown option(s) {', '.join(repr(k) for k in unknown)}; "
+                f"allowed options are {', '.join(sorted(self.options)) or '(none)'}"
             )
-    try:
-        model = _tv_models().get_model(name, weights=None, num_classes=num_classes, **options)
-    except TypeError as err:
-        # torchvision builders take **kwargs, so a bad option only shows up as a TypeError from the constructor.
-        raise ModelError(f"torchvision model {name!r} rejected options {dict(options)!r}: {err}") from err
-    except ValueError as err:
-        raise ModelError(f"torchvision model {name!r} could not be built with options {dict(options)!r}: {err}") from err
-    _adapt_input_channels(model, name, in_channels)
-    return model
+        return {
+            key: option.check(name, key, options.get(key, option.default)) for key, option in self.options.items()
+        }
 
 
-def _torchvision_classification_models() -> list[str]:
-    return list(_tv_models().list_models(module=_tv_models()))
+_CIFAR_STEM = Option(False, _boolean)
 
+MODELS: dict[str, ModelSpec] = {
+    "mlp": ModelSpec(
+        build_mlp, head="classifier",
+        options={"hidden": Option(200, _positive_int), "dropout": Option(0.0, _probability)},
+    ),
+    # width: channels of the first block, doubled in each next block.
+    "cnn": ModelSpec(build_cnn, head="classifier", options={"width": Option(32, _positive_int)}),
+    "mobilenet_v2": ModelSpec(
+        build_mobilenet_v2, head="classifier.1",  # classifier.0 is the Dropout
+        options={
+            "cifar_stem": _CIFAR_STEM,
+            "width_mult": Option(1.0, _positive_float),
+            "dropout": Option(0.2, _probability),
+        },
+    ),
+    "resnet18": ModelSpec(partial(build_resnet, "resnet18"), head="fc", options={"cifar_stem": _CIFAR_STEM}),
+    "resnet50": ModelSpec(partial(build_resnet, "resnet50"), head="fc", options={"cifar_stem": _CIFAR_STEM}),
+}
 
-# --------------------------------------------------------------------------------------------------
-# Public API
-# --------------------------------------------------------------------------------------------------
+# build_model records the name a model was built under here, so that its registry entry can be found again.
+MODEL_NAME_ATTRIBUTE = "ecavg_model_name"
 
-_OWN_MODELS = ("mlp", "cnn", "mobilenet_v2", "resnet18", "resnet50")
+# Top-level module names that hold a classifier head: torchvision's names plus our `classifier`.
+HEAD_MODULE_NAMES: frozenset[str] = frozenset({"fc", "classifier", "heads", "head"})
+
+_HEAD_LAYER_TYPES = (nn.Linear, nn.Conv2d)  # squeezenet's head is a 1x1 Conv2d
+_BATCHNORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 def available_models() -> list[str]:
     """Our registered names, then a note (last entry) that any torchvision classification model works."""
-    return [*_OWN_MODELS, _TORCHVISION_NOTE]
+    return [*MODELS, TORCHVISION_NOTE]
 
 
 def build_model(
@@ -278,7 +149,7 @@ def build_model(
 ) -> nn.Module:
     """Build a randomly initialised classifier for images of shape [in_channels, image_size, image_size].
 
-    Options per model:
+    Options per model are those of its ``MODELS`` entry:
       mlp:                 hidden (200), dropout (0.0)
       cnn:                 width (32, channels of the first block; doubled in each next block)
       resnet18, resnet50:  cifar_stem (False)
@@ -295,177 +166,85 @@ def build_model(
     if not isinstance(options, Mapping):
         raise ModelError(f"model {name!r}: options must be a mapping, got {type(options).__name__}")
     options = dict(options)
+    sizes = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
 
-    if name == "mlp":
-        opts = _check_option_keys(name, options, {"hidden": 200, "dropout": 0.0})
-        return MLP(
-            in_features=in_channels * image_size * image_size,
-            hidden=_positive_int(name, "hidden", opts["hidden"]),
-            num_classes=num_classes,
-            dropout=_probability(name, "dropout", opts["dropout"]),
-        )
-    if name == "cnn":
-        opts = _check_option_keys(name, options, {"width": 32})
-        return SmallCNN(in_channels, num_classes, width=_positive_int(name, "width", opts["width"]))
-    # Torchvision networks on small images end at 2x2 / 1x1 maps, where CPU convolution backward is very slow;
-    # SmallMapConv2d computes those layers another way (same parameters and state-dict keys).
-    if name == "resnet18":
-        return _small_maps(_build_resnet(name, _tv_models().resnet18, num_classes, in_channels, options))
-    if name == "resnet50":
-        return _small_maps(_build_resnet(name, _tv_models().resnet50, num_classes, in_channels, options))
-    if name == "mobilenet_v2":
-        return _small_maps(_build_mobilenet_v2(name, num_classes, in_channels, options))
-
-    torchvision_names = _torchvision_classification_models()
-    if name in torchvision_names:
-        return _small_maps(_build_torchvision(name, num_classes, in_channels, options))
-
-    close = difflib.get_close_matches(name, list(dict.fromkeys([*_OWN_MODELS, *torchvision_names])), n=3)
-    hint = f" Did you mean {', '.join(close)}?" if close else ""
-    raise ModelError(f"unknown model {name!r}; available: {', '.join(_OWN_MODELS)}, or {_TORCHVISION_NOTE}.{hint}")
-
-
-def _small_maps(model: nn.Module) -> nn.Module:
-    from ecavg.models.small_map import use_small_map_convs
-
-    use_small_map_convs(model)
+    spec = MODELS.get(name)
+    if spec is not None:
+        model = spec.build(**sizes, **spec.checked_options(name, options))
+    else:
+        torchvision_names = torchvision_classification_models()
+        if name not in torchvision_names:
+            close = difflib.get_close_matches(name, list(dict.fromkeys([*MODELS, *torchvision_names])), n=3)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise ModelError(
+                f"unknown model {name!r}; available: {', '.join(MODELS)}, or {TORCHVISION_NOTE}.{hint}"
+            )
+        model = build_torchvision(name, **sizes, options=options)
+    setattr(model, MODEL_NAME_ATTRIBUTE, name)
     return model
 
 
-def uses_channels_last(model: nn.Module) -> bool:
-    """True when the model has Conv2d layers, where channels_last memory format pays off (also on CPU)."""
-    return any(isinstance(module, nn.Conv2d) for module in model.modules())
+def _model_label(model: nn.Module) -> str:
+    name = getattr(model, MODEL_NAME_ATTRIBUTE, None)
+    return f"model {name!r}" if isinstance(name, str) else f"model of type {type(model).__name__}"
 
 
-def _is_head_key(key: str) -> bool:
-    return key.split(".", 1)[0] in HEAD_MODULE_NAMES
+def _head_from_structure(model: nn.Module) -> tuple[str, nn.Module]:
+    """The last Linear/Conv2d of the model, provided it sits in its one top-level head module.
 
-
-def _strip_wrapper_prefixes(key: str) -> str:
-    stripped = True
-    while stripped:
-        stripped = False
-        for prefix in _WRAPPER_PREFIXES:
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-                stripped = True
-    return key
-
-
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise ModelError(f"pretrained weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            loaded: Any = load_file(str(path), device="cpu")
-        except (SafetensorError, OSError) as err:
-            raise ModelError(f"cannot read safetensors weights {path}: {err}") from err
-    else:
-        try:
-            # weights_only=True: a checkpoint must not be able to run code when it is loaded.
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
-            raise ModelError(
-                f"cannot read weights {path} with torch.load(weights_only=True): {type(err).__name__}: {err}"
-            ) from err
-
-    if isinstance(loaded, Mapping):
-        for container_key in ("state_dict", "model"):
-            if isinstance(loaded.get(container_key), Mapping):
-                loaded = loaded[container_key]
-                break
-    if not isinstance(loaded, Mapping):
-        raise ModelError(f"weights file {path} holds a {type(loaded).__name__}, not a state dict")
-
-    state: dict[str, torch.Tensor] = {}
-    not_tensors: list[str] = []
-    for raw_key, value in loaded.items():
-        if not isinstance(value, torch.Tensor):
-            not_tensors.append(str(raw_key))
-            continue
-        key = _strip_wrapper_prefixes(str(raw_key))
-        if key in state:
-            raise ModelError(f"weights file {path}: key {key!r} appears twice once wrapper prefixes are stripped")
-        state[key] = value
-    if not_tensors:
-        raise ModelError(f"weights file {path}: entries that are not tensors: {_first_few(not_tensors)}")
-    if not state:
-        raise ModelError(f"weights file {path} holds no tensors")
-    return state
-
-
-def _first_few(keys: list[str], limit: int = 5) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f" (and {len(keys) - limit} more)" if len(keys) > limit else "")
-
-
-def load_pretrained(model: nn.Module, path: str | Path) -> list[str]:
-    """Load weights from a local `.safetensors` or torch.save file into `model` in place.
-
-    The classifier head (modules named fc, classifier, heads, head) is loaded when its shapes match and
-    otherwise left freshly initialised ("head replaced"), one head submodule at a time so that a head layer
-    never mixes loaded and fresh tensors. Every other key must match in name and shape. Returns the model
-    keys of the head that were not loaded.
+    True of every torchvision classification model (their heads are fc, classifier[-1], heads.head or head);
+    anything else is refused rather than guessed.
     """
-    path = Path(path)
-    source = _read_state_dict(path)
-    target = model.state_dict()
-
-    # Group head tensors by the module that owns them (e.g. "classifier.1"): a module is loaded whole or skipped.
-    head_modules: dict[str, list[str]] = {}
-    for key in target:
-        if _is_head_key(key):
-            head_modules.setdefault(key.rpartition(".")[0], []).append(key)
-    skipped_head: list[str] = []
-    for keys in head_modules.values():
-        if not all(k in source and source[k].shape == target[k].shape for k in keys):
-            skipped_head.extend(keys)
-    skipped_set = set(skipped_head)
-
-    # Checkpoints written before BatchNorm tracked its batch count lack num_batches_tracked; the count
-    # only matters for momentum=None, so keeping the model's own value is harmless.
-    missing = [
-        k for k in target
-        if k not in source and k not in skipped_set and not k.endswith("num_batches_tracked")
-    ]
-    unexpected = [k for k in source if k not in target]
-    mismatched = [
-        k for k in target
-        if k in source and k not in skipped_set and source[k].shape != target[k].shape
-    ]
-
-    first_conv = _first_conv(model)
-    if first_conv is not None:
-        conv_key = f"{first_conv[0]}.weight" if first_conv[0] else "weight"
-        if conv_key in mismatched and source[conv_key].dim() == 4:
-            src_in, model_in = source[conv_key].shape[1], target[conv_key].shape[1]
-            if src_in != model_in and source[conv_key].shape[2:] == target[conv_key].shape[2:]:
-                raise ModelError(
-                    f"weights {path}: first conv {conv_key!r} was trained on {src_in}-channel input but the model "
-                    f"takes {model_in} channels; build the model with in_channels={src_in} or use "
-                    f"weights trained on {model_in}-channel data"
-                )
-
-    problems = []
-    if mismatched:
-        problems.append(
-            "shape mismatch: "
-            + _first_few([f"{k} (file {tuple(source[k].shape)}, model {tuple(target[k].shape)})" for k in mismatched])
-        )
-    if missing:
-        problems.append("missing from file: " + _first_few(missing))
-    if unexpected:
-        problems.append("not in model: " + _first_few(unexpected))
-    if problems:
+    label = _model_label(model)
+    containers = [child for child, _ in model.named_children() if child in HEAD_MODULE_NAMES]
+    if len(containers) != 1:
+        found = f"found {', '.join(containers)}" if containers else "found none"
         raise ModelError(
-            f"weights {path} do not fit the {type(model).__name__} model; " + "; ".join(problems)
+            f"{label}: cannot identify its classifier head: expected one top-level module named "
+            f"{', '.join(sorted(HEAD_MODULE_NAMES))}, {found}"
         )
+    layers = [path for path, module in model.named_modules() if isinstance(module, _HEAD_LAYER_TYPES)]
+    container = containers[0]
+    if not layers or not (layers[-1] == container or layers[-1].startswith(container + ".")):
+        last = f"its last Linear/Conv2d is {layers[-1]!r}" if layers else "it has no Linear/Conv2d layer"
+        raise ModelError(f"{label}: cannot identify its classifier head: {last}, not inside {container!r}")
+    return layers[-1], model.get_submodule(layers[-1])
 
-    to_load = {k: v for k, v in source.items() if k not in skipped_set}
-    # strict=False because skipped head keys (and old-style missing BN counters) are absent on purpose;
-    # everything else was checked above.
-    model.load_state_dict(to_load, strict=False)
-    return skipped_head
+
+def classifier_head(model: nn.Module) -> tuple[str, nn.Module]:
+    """(module path, module) of the model's final classifier layer, as its registry entry declares it.
+
+    Models built by name outside ``MODELS`` (other torchvision models) and models not built by ``build_model``
+    have their head found from their module structure. A ModelError naming the model when there is none.
+    """
+    spec = MODELS.get(getattr(model, MODEL_NAME_ATTRIBUTE, None))
+    if spec is None:
+        return _head_from_structure(model)
+    try:
+        head = model.get_submodule(spec.head)
+    except AttributeError:
+        raise ModelError(f"{_model_label(model)}: its classifier head {spec.head!r} is missing") from None
+    if not isinstance(head, _HEAD_LAYER_TYPES):
+        raise ModelError(
+            f"{_model_label(model)}: its classifier head {spec.head!r} is a {type(head).__name__}, "
+            "not a Linear or Conv2d layer"
+        )
+    return spec.head, head
+
+
+def head_keys(model: nn.Module) -> list[str]:
+    """State-dict keys of the classifier head (its weight and bias); a ModelError when there is no head."""
+    path, head = classifier_head(model)
+    return [f"{path}.{key}" for key in head.state_dict()]
+
+
+def batchnorm_keys(model: nn.Module) -> list[str]:
+    """State-dict keys of every BatchNorm layer: weight, bias, running statistics and batch counter.
+
+    Empty for a model without BatchNorm (the MLP); callers that need some decide whether that is an error.
+    """
+    keys: list[str] = []
+    for path, module in model.named_modules():
+        if isinstance(module, _BATCHNORM_TYPES):
+            keys.extend(f"{path}.{key}" if path else key for key in module.state_dict())
+    return keys

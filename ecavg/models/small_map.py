@@ -61,7 +61,7 @@ class SmallMapConv2d(torch.nn.Conv2d):
     max_pixels = 4
 
     @classmethod
-    def from_conv(cls, conv: torch.nn.Conv2d) -> "SmallMapConv2d":
+    def from_conv(cls, conv: torch.nn.Conv2d) -> SmallMapConv2d:
         new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
                   dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
                   padding_mode=conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype)
