@@ -28,7 +28,7 @@ BAD_SETTINGS = {
     "labels_per_edge above the class count": (["--set", "data.partition=shards", "--set", "data.labels_per_edge=11"],
                                               "labels_per_edge"),
     "a ratio share that leaves an edge empty": (["--set", "data.partition=ratio", "--set", "data.num_edges=2",
-                                                 "--set", "data.ratios=[0.9999,0.0001]"], "edge-1"),
+                                                 "--set", "data.ratios=[0.9999,0.0001]"], "without samples"),
     "a Dirichlet draw that leaves an edge without test data": (
         ["--set", "data.partition=dirichlet", "--set", "data.alpha=0.01", "--set", "data.num_edges=8",
          "--set", "data.train_fraction=1.0"], "no test samples"),
