@@ -31,6 +31,7 @@ def run_experiment(
     if resume is not None:
         run_dir, cfg, saved_data_dir = RunDirectory.for_resume(resume)
         data_dir = data_dir if data_dir is not None else saved_data_dir
+        run_dir.prune_metrics()
         log.info("resuming %s", run_dir.path)
     else:
         cfg = resolve_config(config)

@@ -132,6 +132,8 @@ def test_resume_skips_finished_phases(tmp_path, monkeypatch):
     assert not (out / "results.json").exists()
 
     monkeypatch.setattr(ServerWorker, "train", real_train)
+    # A killed atomic write leaves its temporary file behind; the resume removes it.
+    (out / "checkpoints" / ".finetune.safetensors.123.tmp").write_bytes(b"partial")
 
     def must_not_train(self, *args, **kwargs):
         raise AssertionError("a finished edge was trained again on resume")
@@ -141,6 +143,11 @@ def test_resume_skips_finished_phases(tmp_path, monkeypatch):
     resumed = json.loads((out / "results.json").read_text())
     assert all(e["accuracy_after"] is not None for e in resumed["edges"])
     assert resumed["timing_s"]["pretrain"] > 0
+    assert not list((out / "checkpoints").glob(".*.tmp"))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    keys = [(r["participant"], r["phase"], r.get("epoch")) for r in records]
+    assert len(keys) == len(set(keys)), "a phase's metrics were written twice"
+    assert {"aggregate", "finetune", "update"} <= {r["phase"] for r in records}
 
 
 def test_output_dir_of_an_existing_run_is_refused(tmp_path, capsys):

@@ -25,6 +25,9 @@ class PhaseStore:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        # An atomic write killed midway leaves its temporary file; one run owns this directory, so none is live.
+        for leftover in self.root.glob(".*.tmp"):
+            leftover.unlink(missing_ok=True)
 
     def _paths(self, phase: str) -> tuple[Path, Path]:
         safe = phase.replace("/", "__")

@@ -36,6 +36,8 @@ log = logging.getLogger("ecavg")
 
 RUN_CONFIG = "config.json"  # the resolved config and data dir, written when a run starts; --resume reads it
 FAILURE_FILE = "failure.json"
+# metrics.jsonl phases that are checkpointed under another name (see ecavg.core.phases).
+_STORED_AS = {"aggregate": "averaged", "warmup": "init"}
 # What may already be in a directory that --output names without it being a run: nothing else is overwritten.
 _HARMLESS = {".DS_Store"}
 
@@ -205,6 +207,24 @@ class RunDirectory:
         if self._store is None:
             self._store = PhaseStore(self.path / "checkpoints")
         return self._store
+
+    def prune_metrics(self) -> None:
+        """Before a resume: drop the metrics.jsonl records of phases that did not finish (they run again and
+        write their records again), so no epoch is listed twice."""
+        path = self.path / "metrics.jsonl"
+        if not path.exists():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+                phase = _STORED_AS.get(record["phase"], record["phase"])
+                finished = self.store.has(phase) or self.store.has(f"{phase}/{record['participant']}")
+            except (ValueError, KeyError, TypeError):
+                finished = False  # a line cut short by the interruption
+            if finished:
+                kept.append(line + "\n")
+        write_text_atomic(path, "".join(kept))
 
     def emit(self, record: Mapping[str, Any]) -> None:
         """One metrics.jsonl line (a participant's epoch or phase figures)."""
