@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import pytest
+
+from ecavg.config.checks import int_at_least
+from ecavg.registry import Key
 import torch
 from safetensors.torch import save_file
 from torch import nn
@@ -12,7 +15,6 @@ from ecavg.models import (
     MODELS,
     ModelError,
     ModelSpec,
-    Option,
     available_models,
     batchnorm_keys,
     build_model,
@@ -355,17 +357,12 @@ def test_registering_a_model_is_one_entry(monkeypatch) -> None:
         return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size * image_size, hidden),
                              nn.Linear(hidden, num_classes))
 
-    def positive(name: str, key: str, value) -> int:
-        if not isinstance(value, int) or value <= 0:
-            raise ModelError(f"model {name!r}: option {key!r} must be positive, got {value!r}")
-        return value
-
-    monkeypatch.setitem(MODELS, "tiny", ModelSpec(build_tiny, head="2", options={"hidden": Option(5, positive)}))
+    monkeypatch.setitem(MODELS, "tiny", ModelSpec(build_tiny, head="2", options={"hidden": Key(5, int_at_least(1))}))
     assert "tiny" in available_models()
     model = _build("tiny", MNIST_SHAPE, num_classes=3)
     assert model[1].out_features == 5
     assert head_keys(model) == ["2.weight", "2.bias"]
-    with pytest.raises(ModelError, match="'hidden' must be positive"):
+    with pytest.raises(ModelError, match="'hidden' must be an integer >= 1"):
         _build("tiny", MNIST_SHAPE, hidden=0)
     with pytest.raises(ModelError, match="unknown option.*'width'; allowed options are hidden"):
         _build("tiny", MNIST_SHAPE, width=2)

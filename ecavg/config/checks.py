@@ -1,6 +1,6 @@
 """Value checks for config keys: each returns None when a value is fine, else what is wrong ("must be ...").
 
-Torch-free, so that the config and every registered option (``ecavg.core.registry.Key``) share them.
+Torch-free, so that the config and every registered option (``ecavg.registry.Key``) share them.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import torch
 
 from ecavg.core.averaging import StreamingAverager
 from ecavg.core.records import StateDict
-from ecavg.core.registry import Option, Registry
+from ecavg.registry import Option, Registry
 
 if TYPE_CHECKING:
     from ecavg.core.participants import ServerWorker

@@ -15,7 +15,7 @@ from torch import nn
 
 from ecavg.core.records import StateDict
 from ecavg.config.checks import number_in
-from ecavg.core.registry import Key, Option, Registry
+from ecavg.registry import Key, Option, Registry
 
 if TYPE_CHECKING:
     from ecavg.core.participants import ServerWorker

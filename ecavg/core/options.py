@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from ecavg.core.aggregation import AGGREGATORS
 from ecavg.core.objectives import OBJECTIVES
-from ecavg.core.registry import Registry
+from ecavg.registry import Registry
 from ecavg.core.strategies import STRATEGIES
 
 REGISTRIES: tuple[Registry, ...] = (STRATEGIES, AGGREGATORS, OBJECTIVES)

@@ -17,7 +17,7 @@ from ecavg.core.aggregation import make_aggregator
 from ecavg.core.objectives import make_objective
 from ecavg.core.phases import RunContext, Tally
 from ecavg.core.records import SAME_AS_SERVER, Outcome, StateDict
-from ecavg.core.registry import Option, Registry
+from ecavg.registry import Option, Registry
 
 
 class Strategy(Option, ABC):

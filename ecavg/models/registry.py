@@ -19,7 +19,9 @@ from typing import Any
 
 from torch import nn
 
+from ecavg.config.checks import boolean, int_at_least, number_in
 from ecavg.errors import ModelError
+from ecavg.registry import Key
 from ecavg.models.small import build_cnn, build_mlp
 from ecavg.models.torchvision_adapt import (
     TORCHVISION_NOTE,
@@ -35,50 +37,12 @@ __all__ = [
     "MODEL_NAME_ATTRIBUTE",
     "ModelError",
     "ModelSpec",
-    "Option",
     "available_models",
     "batchnorm_keys",
     "build_model",
     "classifier_head",
     "head_keys",
 ]
-
-
-# --------------------------------------------------------------------------------------------------
-# Option checks: (model name, option key, value) -> the value to use, or a ModelError naming both
-# --------------------------------------------------------------------------------------------------
-
-
-def _positive_int(name: str, key: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ModelError(f"model {name!r}: option {key!r} must be a positive integer, got {value!r}")
-    return value
-
-
-def _positive_float(name: str, key: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ModelError(f"model {name!r}: option {key!r} must be a positive number, got {value!r}")
-    return float(value)
-
-
-def _probability(name: str, key: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ModelError(f"model {name!r}: option {key!r} must be a number in [0, 1), got {value!r}")
-    return float(value)
-
-
-def _boolean(name: str, key: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ModelError(f"model {name!r}: option {key!r} must be true or false, got {value!r}")
-    return value
-
-
-@dataclass(frozen=True)
-class Option:
-    """One model option: its default and the check its value must pass."""
-
-    default: Any
-    check: Callable[[str, str, Any], Any]
 
 
 @dataclass(frozen=True)
@@ -88,7 +52,7 @@ class ModelSpec:
 
     build: Callable[..., nn.Module]
     head: str
-    options: Mapping[str, Option] = field(default_factory=dict)
+    options: Mapping[str, Key] = field(default_factory=dict)
 
     def checked_options(self, name: str, options: Mapping[str, Any]) -> dict[str, Any]:
         """Defaults overridden by `options`, each value checked; an unknown key is a ModelError."""
@@ -99,25 +63,25 @@ class ModelSpec:
                 f"allowed options are {', '.join(sorted(self.options)) or '(none)'}"
             )
         return {
-            key: option.check(name, key, options.get(key, option.default)) for key, option in self.options.items()
+            key: _checked(name, key, options.get(key, option.default), option) for key, option in self.options.items()
         }
 
 
-_CIFAR_STEM = Option(False, _boolean)
+_CIFAR_STEM = Key(False, boolean)
 
 MODELS: dict[str, ModelSpec] = {
     "mlp": ModelSpec(
         build_mlp, head="classifier",
-        options={"hidden": Option(200, _positive_int), "dropout": Option(0.0, _probability)},
+        options={"hidden": Key(200, int_at_least(1)), "dropout": Key(0.0, number_in(0.0, 0.99))},
     ),
     # width: channels of the first block, doubled in each next block.
-    "cnn": ModelSpec(build_cnn, head="classifier", options={"width": Option(32, _positive_int)}),
+    "cnn": ModelSpec(build_cnn, head="classifier", options={"width": Key(32, int_at_least(1))}),
     "mobilenet_v2": ModelSpec(
         build_mobilenet_v2, head="classifier.1",  # classifier.0 is the Dropout
         options={
             "cifar_stem": _CIFAR_STEM,
-            "width_mult": Option(1.0, _positive_float),
-            "dropout": Option(0.2, _probability),
+            "width_mult": Key(1.0, number_in(0.0, 100.0, lo_open=True)),
+            "dropout": Key(0.2, number_in(0.0, 0.99)),
         },
     ),
     "resnet18": ModelSpec(partial(build_resnet, "resnet18"), head="fc", options={"cifar_stem": _CIFAR_STEM}),
@@ -132,6 +96,13 @@ HEAD_MODULE_NAMES: frozenset[str] = frozenset({"fc", "classifier", "heads", "hea
 
 _HEAD_LAYER_TYPES = (nn.Linear, nn.Conv2d)  # squeezenet's head is a 1x1 Conv2d
 _BATCHNORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def _checked(model: str, key: str, value: Any, option: Key) -> Any:
+    problem = option.check(value)
+    if problem:
+        raise ModelError(f"model {model!r}: option {key!r} {problem}, got {value!r}")
+    return value
 
 
 def available_models() -> list[str]:
