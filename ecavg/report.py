@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ecavg.core.checkpoint import write_text_atomic
+from ecavg.formatting import change_pp, percent
 from ecavg.core.records import SAME_AS_SERVER, Outcome
 from ecavg.core.serialization import save_state_dict
 
@@ -34,16 +35,6 @@ def build_results(cfg: Mapping[str, Any], outcome: Outcome, *, runtime: str, dev
     }
 
 
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.2f}%"
-
-
-def _delta(after: float | None, before: float | None) -> str:
-    if after is None or before is None:
-        return "-"
-    return f"{100 * (after - before):+.2f} pp"
-
-
 def results_table(results: Mapping[str, Any]) -> str:
     """A readable markdown summary of one results dict."""
     cfg = results.get("config", {})
@@ -60,19 +51,19 @@ def results_table(results: Mapping[str, Any]) -> str:
     ]
     for e in results["edges"]:
         lines.append(
-            f"| {e['name']} | {e['train_samples']} | {e['test_samples']} | {_pct(e['accuracy_before'])} | "
-            f"{_pct(e['accuracy_after'])} | {_delta(e['accuracy_after'], e['accuracy_before'])} |"
+            f"| {e['name']} | {e['train_samples']} | {e['test_samples']} | {percent(e['accuracy_before'], '%')} | "
+            f"{percent(e['accuracy_after'], '%')} | {change_pp(e['accuracy_after'], e['accuracy_before'])} |"
         )
     s = results["server"]
     lines += [
         "",
         "| server (full test set) | accuracy |",
         "|---|---:|",
-        f"| averaged weights | {_pct(s.get('accuracy_averaged'))} |",
+        f"| averaged weights | {percent(s.get('accuracy_averaged'), '%')} |",
     ]
     if "accuracy_averaged_before_bn_recalibration" in s:
-        lines.append(f"| averaged, before BatchNorm recalibration | {_pct(s['accuracy_averaged_before_bn_recalibration'])} |")
-    lines.append(f"| fine-tuned / trained | {_pct(s.get('accuracy_finetuned'))} |")
+        lines.append(f"| averaged, before BatchNorm recalibration | {percent(s['accuracy_averaged_before_bn_recalibration'], '%')} |")
+    lines.append(f"| fine-tuned / trained | {percent(s.get('accuracy_finetuned'), '%')} |")
     t, b = results["timing_s"], results["bytes"]
     lines += [
         "",

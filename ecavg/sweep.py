@@ -12,13 +12,13 @@ import io
 import itertools
 import json
 import logging
-import statistics
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ecavg.config import ConfigError, apply_overrides, parse_override, resolve_config
 from ecavg.core.checkpoint import write_text_atomic
 from ecavg.experiment import run_experiment
+from ecavg.formatting import mean_std, percent
 from ecavg.runtime.setup import RUN_CONFIG
 
 log = logging.getLogger("ecavg")
@@ -135,8 +135,7 @@ def _group_over_seeds(keys: list[str], rows: list[dict[str, Any]]) -> tuple[list
     for members in groups.values():
         entry: dict[str, Any] = {"point": {k: members[0]["point"][k] for k in group_keys}, "n": len(members)}
         for m in METRICS:
-            values = [r[m] for r in members if r[m] is not None]
-            entry[m] = (statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0) if values else None
+            entry[m] = mean_std(r[m] for r in members)
         grouped.append(entry)
     return group_keys, grouped
 
@@ -146,8 +145,8 @@ def _fmt(metric: str, value: Any) -> str:
         return "-"
     if isinstance(value, tuple):
         mean, std = value
-        return f"{mean:.1f} ± {std:.1f}" if metric == "total_s" else f"{100 * mean:.2f} ± {100 * std:.2f}"
-    return f"{value:.1f}" if metric == "total_s" else f"{100 * value:.2f}"
+        return f"{mean:.1f} ± {std:.1f}" if metric == "total_s" else f"{percent(mean)} ± {percent(std)}"
+    return f"{value:.1f}" if metric == "total_s" else percent(value)
 
 
 def _fmt_value(v: Any) -> str:

@@ -42,6 +42,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ecavg.core.strategies import STRATEGIES  # noqa: E402
+from ecavg.formatting import percent, percent_spread  # noqa: E402
 from ecavg.sweep import run_summary  # noqa: E402  (the same per-run figures as `ecavg sweep` tables)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -82,19 +83,6 @@ def figures(results: dict[str, Any]) -> dict[str, float | None]:
     return {**run_summary(results), "worst_edge_change": min(changes) if changes else None}
 
 
-def pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.2f}"
-
-
-def pct_spread(values: list[float | None]) -> str:
-    present = [v for v in values if v is not None]
-    if not present:
-        return "-"
-    if len(present) == 1:
-        return pct(present[0])
-    return f"{100 * statistics.fmean(present):.2f} ± {100 * statistics.pstdev(present):.2f}"
-
-
 def duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
@@ -121,7 +109,7 @@ def render_strategies(args: list[str]) -> str:
         cells = [paper.get("paper_before", "-"), paper.get("paper_after", "-"), "-", "-", "-"]
         lines.append("| paper (ECAvg) | " + " | ".join(cells) + " | - | - |")
     for strategy, (run, s) in runs.items():
-        lines.append(f"| {STRATEGY_TITLES[strategy]} | " + " | ".join(pct(s[f]) for f in FIELDS)
+        lines.append(f"| {STRATEGY_TITLES[strategy]} | " + " | ".join(percent(s[f]) for f in FIELDS)
                      + f" | {duration(s['total_s'])} | [{run.name}](../{rel(run)}/results.md) |")
     lines.append("")
     lines.append("Accuracies in %; edges on their own test partitions (mean over edges), the server on the full "
@@ -163,7 +151,7 @@ def render_sweep(args: list[str]) -> str:
     ]
     for ident, members in groups.items():
         cells = list(ident[1:]) + ([str(len(members))] if with_seeds else [])
-        cells += [pct_spread([m[f] for m in members]) for f in FIELDS]
+        cells += [percent_spread([m[f] for m in members]) for f in FIELDS]
         cells.append(duration(statistics.fmean(m["total_s"] for m in members)))
         lines.append("| " + " | ".join(c or "·" for c in cells) + " |")
     lines.append("")
