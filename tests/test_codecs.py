@@ -115,6 +115,15 @@ def test_kept_tensors_are_exact_and_compressed_ones_within_bound(name):
         assert decoded["conv.weight"][5].abs().max() == 0  # a zero channel comes back exactly zero
 
 
+def test_batchnorm_statistics_stay_exact_whatever_their_shape():
+    # Always 1-D in torch's BatchNorm, but the rule is by name too: running statistics never go through 8 bits.
+    state = {"bn.running_var": torch.rand(4, 4) * 1e-6 + 1e-9, "bn.running_mean": torch.randn(3, 2)}
+    for name in CODECS:
+        decoded, _ = transfer_roundtrip(state, codec(name))
+        for key, tensor in state.items():
+            assert_exact(decoded[key], tensor, f"{name} {key}")
+
+
 def test_float_codecs_meet_their_relative_error_bound_in_the_normal_range():
     gen = torch.Generator().manual_seed(1)
     # Magnitudes from 1e-4 to 1e4, inside float16's normal range [2^-14, 65504].

@@ -199,6 +199,7 @@ class Codec:
                     continue
                 value = self.expand(key, wire)
                 if base is not None:
+                    # Not in place: for fp32 the value is the wire tensor, a view of the payload's immutable bytes.
                     value = value + self._base_tensor(base, key, ref.shape, "the decoder's")
                 out[key] = value.to(ref.dtype)
                 transformed.append(key)
@@ -317,7 +318,7 @@ class Int8Codec(Codec):
         # A zero (or subnormal) row would give scale 0; the floor keeps every scale positive and the row exact
         # within scale/2.
         scale = (absmax / _INT8_LEVELS).clamp_min_(_TINY)
-        quantised = torch.round(value / _channel_view(scale, value.dim())).clamp_(-_INT8_LEVELS, _INT8_LEVELS)
+        quantised = torch.div(value, _channel_view(scale, value.dim())).round_().clamp_(-_INT8_LEVELS, _INT8_LEVELS)
         return {key: quantised.to(torch.int8), key + SCALE_SUFFIX: scale}
 
     def expected_wire(self, key: str, reference: Tensor) -> dict[str, tuple[torch.Size, torch.dtype]]:
@@ -328,7 +329,8 @@ class Int8Codec(Codec):
 
     def expand(self, key: str, wire: Mapping[str, Tensor]) -> Tensor:
         quantised = wire[key]
-        return quantised.float() * _channel_view(wire[key + SCALE_SUFFIX], quantised.dim())
+        # int8 * float32 promotes to float32: one pass, no float copy of the integers first.
+        return torch.mul(quantised, _channel_view(wire[key + SCALE_SUFFIX], quantised.dim()))
 
     def _check_wire(self, wire: Mapping[str, Tensor], encodings: Mapping[str, str], source: str) -> None:
         # Finiteness was checked by decode_state_dict; here: every scale > 0 (one host synchronisation).
