@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from ecavg.core.codecs import CODECS, Codec, codec, transfer_roundtrip
+from ecavg.core import CODECS, Codec, codec, transfer_roundtrip
 from ecavg.core.serialization import decode_metadata, decode_state_dict, encode_state_dict
 from ecavg.errors import ConfigError, WeightsError
 from ecavg.models import build_model
