@@ -63,6 +63,8 @@ def results_table(results: Mapping[str, Any]) -> str:
     ]
     if "accuracy_averaged_before_bn_recalibration" in s:
         lines.append(f"| averaged, before BatchNorm recalibration | {percent(s['accuracy_averaged_before_bn_recalibration'], '%')} |")
+    if s.get("accuracy_ensemble") is not None:
+        lines.append(f"| edges' ensemble (distillation teacher) | {percent(s['accuracy_ensemble'], '%')} |")
     lines.append(f"| fine-tuned / trained | {percent(s.get('accuracy_finetuned'), '%')} |")
     t, b = results["timing_s"], results["bytes"]
     lines += [

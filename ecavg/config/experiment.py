@@ -215,6 +215,11 @@ def _check_consistency(cfg: dict[str, Any]) -> None:
     if not cfg["shared_init"] and not strategy_of(cfg).edge_models:
         raise ConfigError(f"shared_init = false has no meaning for strategy = \"{cfg['strategy']}\" "
                           "(there are no edge models)")
+    from ecavg.core.objectives import OBJECTIVES
+
+    if OBJECTIVES.get(cfg["server"]["objective"]).needs_edge_models and not strategy_of(cfg).edge_models:
+        raise ConfigError(f"server.objective = \"{cfg['server']['objective']}\" learns from the edges' models, but "
+                          f"strategy = \"{cfg['strategy']}\" has none; use strategy = \"ecavg\" or objective \"ce\"")
     if cfg["server_data_fraction"] == 0:
         needs = [what for what, on in (
             (f'strategy = "{cfg["strategy"]}"', strategy_of(cfg).server_training == "required"),
