@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CONFIG ?= configs/quickstart.toml
 ARGS ?=
 
-.PHONY: run test bench bench-quick clean
+.PHONY: run test lint bench bench-quick clean
 
 # The venv is rebuilt when pyproject.toml changes; one stamp per extras set.
 $(VENV)/.base: pyproject.toml
@@ -22,6 +22,9 @@ run: $(VENV)/.base
 
 test: $(VENV)/.dev
 	$(PY) -m pytest -q $(ARGS)
+
+lint: $(VENV)/.dev
+	$(VENV)/bin/ruff check .
 
 bench: $(VENV)/.dev
 	$(PY) bench/run.py
