@@ -103,6 +103,13 @@ def test_finetune_trains_each_edge_from_the_server_model(tmp_path):
     assert "finetuned" in (out / "results.md").read_text()
 
 
+def test_fedavg_edges_may_finetune_the_global_model(tmp_path):
+    user = config(strategy="fedavg", fedavg={"rounds": 1}, update={"mode": "finetune"})
+    results = run_experiment(user, output_dir=tmp_path / "run")
+    assert [e["update_kept"] for e in results["edges"]] == ["finetuned", "finetuned"]
+    check_figures(user, results, tmp_path / "run")
+
+
 def test_update_training_settings_default_to_the_edge_ones():
     edge = TrainingSettings(epochs=5, batch_size=32, lr=0.05, schedule="onecycle")
     mode = make_update_mode(resolve_config({"update": {"mode": "finetune", "epochs": 2}}))

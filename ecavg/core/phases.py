@@ -123,7 +123,7 @@ def train_edges(ctx: RunContext, tally: Tally, phase: str, weights: StateDict | 
             aggregate_s += time.perf_counter() - t
         if keep is not None:
             keep[name] = w
-        if restore_own:
+        if restore_own and w is not None:  # (a checkpoint's weights are written before its record)
             ctx.pool.restore_own_weights(name, w)
     if missing:
         start = time.perf_counter()
