@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ecavg.core.checkpoint import write_text_atomic
+from ecavg.core.records import KEPT_AT_EDGE, SAME_AS_SERVER, Outcome
 from ecavg.formatting import change_pp, percent
-from ecavg.core.records import SAME_AS_SERVER, Outcome
 from ecavg.core.serialization import save_state_dict
 
 SCHEMA_VERSION = 1
@@ -49,11 +49,18 @@ def results_table(results: Mapping[str, Any]) -> str:
         "| participant | train samples | test samples | accuracy before | accuracy after | change |",
         "|---|---:|---:|---:|---:|---:|",
     ]
+    # Modes other than the paper's replace say which model each edge kept and how it does on the full test set.
+    mode = cfg.get("update", {}).get("mode", "replace")
+    if mode != "replace":
+        lines[-2] += " kept | after, full test set |"
+        lines[-1] += "---|---:|"
+        lines[2] = lines[2][:-1] + f", update `{mode}`."
     for e in results["edges"]:
-        lines.append(
-            f"| {e['name']} | {e['train_samples']} | {e['test_samples']} | {percent(e['accuracy_before'], '%')} | "
-            f"{percent(e['accuracy_after'], '%')} | {change_pp(e['accuracy_after'], e['accuracy_before'])} |"
-        )
+        row = (f"| {e['name']} | {e['train_samples']} | {e['test_samples']} | {percent(e['accuracy_before'], '%')} | "
+               f"{percent(e['accuracy_after'], '%')} | {change_pp(e['accuracy_after'], e['accuracy_before'])} |")
+        if mode != "replace":
+            row += f" {e.get('update_kept') or '-'} | {percent(e.get('accuracy_after_full'), '%')} |"
+        lines.append(row)
     s = results["server"]
     lines += [
         "",
@@ -127,7 +134,9 @@ def write_outputs(out_dir: Path, results: Mapping[str, Any], outcome: Outcome) -
         save_state_dict(server_path, outcome.server_weights)
     for name, weights in outcome.edge_weights.items():
         path = out_dir / f"{name}.safetensors"
-        if weights is SAME_AS_SERVER:
+        if weights is KEPT_AT_EDGE:  # a deployed edge's own final model stays on the edge
+            path.unlink(missing_ok=True)
+        elif weights is SAME_AS_SERVER:
             _link_or_copy(server_path, path)
         else:
             save_state_dict(path, weights)

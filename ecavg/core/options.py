@@ -1,6 +1,7 @@
 """Every registry of pluggable choices, in one place: what the config validates and the docs list.
 
-Importing this module registers every built-in option (strategies, aggregation rules, server objectives).
+Importing this module registers every built-in option (strategies, aggregation rules, server objectives, update
+modes).
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ from ecavg.core.aggregation import AGGREGATORS
 from ecavg.core.objectives import OBJECTIVES
 from ecavg.registry import Registry
 from ecavg.core.strategies import STRATEGIES
+from ecavg.core.update import UPDATE_MODES
 
-REGISTRIES: tuple[Registry, ...] = (STRATEGIES, AGGREGATORS, OBJECTIVES)
+REGISTRIES: tuple[Registry, ...] = (STRATEGIES, AGGREGATORS, OBJECTIVES, UPDATE_MODES)
 
-__all__ = ["AGGREGATORS", "OBJECTIVES", "REGISTRIES", "STRATEGIES"]
+__all__ = ["AGGREGATORS", "OBJECTIVES", "REGISTRIES", "STRATEGIES", "UPDATE_MODES"]

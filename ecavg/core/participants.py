@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -19,6 +19,9 @@ from ecavg.core.training import TrainingSettings, evaluate, recalibrate_batchnor
 from ecavg.data import ImageDataset, TensorLoader
 from ecavg.errors import ConfigError
 from ecavg.models import build_model, load_pretrained, uses_channels_last
+
+if TYPE_CHECKING:
+    from ecavg.core.update import UpdateMode
 
 EVAL_BATCH_SIZE = 1024
 
@@ -106,7 +109,14 @@ def load_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
 
 @dataclass
 class EdgeWorker:
-    """One edge: its own training and test partitions and its current model."""
+    """One edge: its own training and test partitions and its current model.
+
+    ``validation_data`` is the slice of its training data that ``update.mode = "guarded"`` holds out (never
+    trained on, by the edge or the server); ``full_test_data`` the run's whole test set where the edge has a
+    copy (for ``accuracy_after_full``); ``update_mode`` what the edge does with the server's final model
+    (``ecavg.core.update``; None: the paper's replace). When the mode needs them, the edge keeps its own
+    pre-trained weights (``pretrained_weights``) after pre-training, or receives them back on ``--resume``.
+    """
 
     name: str
     index: int
@@ -117,14 +127,23 @@ class EdgeWorker:
     seed: int
     eval_each_epoch: bool = True
     model: nn.Module | None = field(default=None, repr=False)
+    validation_data: ImageDataset | None = field(default=None, repr=False)
+    full_test_data: ImageDataset | None = field(default=None, repr=False)
+    update_mode: UpdateMode | None = field(default=None, repr=False)
+    pretrained_weights: StateDict | None = field(default=None, repr=False)
 
-    def fit(self, weights: Mapping[str, torch.Tensor] | None, *, phase: str, epochs: int | None = None) -> EdgeReply:
-        """Train from ``weights`` (None: this edge's own random init) and evaluate on the edge's test partition
-        (the reply's byte counts are left to the runtime that moves it)."""
+    def new_model(self, weights: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+        """A model of this edge holding ``weights`` (None: the edge's own random init)."""
         model = self.factory.build(derive_seed(self.seed, "init", self.name))
         if weights is not None:
             load_weights(model, weights)
-        settings = self.settings if epochs is None else TrainingSettings(**{**self.settings.__dict__, "epochs": epochs})
+        return model
+
+    def train_model(self, weights: Mapping[str, torch.Tensor] | None, *, phase: str,
+                    settings: TrainingSettings) -> tuple[nn.Module, list[dict[str, float]]]:
+        """Train from ``weights`` (None: this edge's own random init) on the edge's training data; seeds are
+        derived from (experiment seed, phase, edge), so every runtime makes the same random choices."""
+        model = self.new_model(weights)
         torch.manual_seed(derive_seed(self.seed, phase, self.name, "train"))
         loader = self.factory.loader(self.train_data, settings.batch_size, train=True,
                                      seed=derive_seed(self.seed, phase, self.name, "shuffle"))
@@ -135,21 +154,39 @@ class EdgeWorker:
                 metrics["test_accuracy"] = evaluate(model, test_loader)["accuracy"]
 
         history = train(model, loader, settings, desc=f"{self.name} {phase}", on_epoch=on_epoch)
-        result = evaluate(model, test_loader, desc=f"{self.name} evaluate")
+        return model, history
+
+    def fit(self, weights: Mapping[str, torch.Tensor] | None, *, phase: str, epochs: int | None = None) -> EdgeReply:
+        """Train from ``weights`` (None: this edge's own random init) and evaluate on the edge's test partition
+        (the reply's byte counts are left to the runtime that moves it)."""
+        settings = self.settings if epochs is None else TrainingSettings(**{**self.settings.__dict__, "epochs": epochs})
+        model, history = self.train_model(weights, phase=phase, settings=settings)
+        result = self.evaluate_model(model, self.test_data)
         if history:
             history[-1]["test_accuracy"] = result["accuracy"]
         self.model = model
-        return EdgeReply(name=self.name, weights=cpu_state_dict(model), num_samples=len(self.train_data),
-                         accuracy=result["accuracy"], test_samples=result["samples"], history=history)
+        reply = EdgeReply(name=self.name, weights=cpu_state_dict(model), num_samples=len(self.train_data),
+                          accuracy=result["accuracy"], test_samples=result["samples"], history=history)
+        if phase == "pretrain" and self.update_mode is not None and self.update_mode.needs_own_weights:
+            self.pretrained_weights = reply.weights  # the update compares with or keeps parts of it
+        return reply
+
+    def evaluate_model(self, model: nn.Module, data: ImageDataset) -> dict[str, Any]:
+        """``model``'s accuracy, loss and sample count on ``data`` (one of this edge's datasets)."""
+        return evaluate(model, self.factory.loader(data, EVAL_BATCH_SIZE, train=False), desc=f"{self.name} evaluate")
 
     def evaluate(self, weights: Mapping[str, torch.Tensor]) -> EdgeEvaluation:
         """Replace the edge's model with ``weights`` and evaluate it on the edge's test partition."""
-        model = self.factory.build(derive_seed(self.seed, "init", self.name))
-        load_weights(model, weights)
+        model = self.new_model(weights)
         self.model = model
-        result = evaluate(model, self.factory.loader(self.test_data, EVAL_BATCH_SIZE, train=False),
-                          desc=f"{self.name} evaluate")
+        result = self.evaluate_model(model, self.test_data)
         return EdgeEvaluation(name=self.name, accuracy=result["accuracy"], test_samples=result["samples"])
+
+    def update(self, weights: Mapping[str, torch.Tensor]) -> EdgeEvaluation:
+        """Step 5: what this edge makes of the server's final ``weights`` (its ``update_mode``), evaluated."""
+        if self.update_mode is None:
+            return self.evaluate(weights)
+        return self.update_mode.apply(self, dict(weights))
 
 
 @dataclass

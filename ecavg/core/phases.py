@@ -18,7 +18,7 @@ from ecavg.core.checkpoint import PhaseStore
 from ecavg.core.objectives import ServerObjective
 from ecavg.core.participants import ServerWorker, derive_seed
 from ecavg.core.pool import EdgePool
-from ecavg.core.records import StateDict
+from ecavg.core.records import KEPT_AT_EDGE, SAME_AS_SERVER, StateDict
 from ecavg.data import ImageDataset
 
 
@@ -39,7 +39,8 @@ class Tally:
         sizes = ctx.pool.sizes()
         self.edges = {
             n: {"name": n, "train_samples": sizes.get(n, (None, None))[0], "test_samples": sizes.get(n, (None, None))[1],
-                "accuracy_before": None, "accuracy_after": None}
+                "accuracy_before": None, "accuracy_after": None, "accuracy_after_full": None, "update_kept": None,
+                "update_train_samples": None, "update_validation": None, "weights_at_edge": False}
             for n in ctx.pool.names
         }
         self.server: dict[str, Any] = {"accuracy_averaged": None, "accuracy_finetuned": None}
@@ -93,12 +94,14 @@ def random_share(data: ImageDataset, fraction: float, seed: int) -> ImageDataset
 
 def train_edges(ctx: RunContext, tally: Tally, phase: str, weights: StateDict | None, *, epochs: int,
                 aggregator: Aggregator | None = None, keep: dict[str, StateDict] | None = None,
-                checkpoint_edges: bool = True, timing_key: str = "pretrain") -> dict[str, dict[str, Any]]:
+                checkpoint_edges: bool = True, timing_key: str = "pretrain",
+                restore_own: bool = False) -> dict[str, dict[str, Any]]:
     """Edges train from ``weights``; each reply is checkpointed and, if given, streamed into ``aggregator``.
 
     Returns the per-edge records (accuracy, sample counts). With ``checkpoint_edges``, edges that finished
     before an interruption are loaded from the store instead of training again (FedAvg checkpoints whole
-    rounds instead, so that many rounds do not keep every edge's weights on disk).
+    rounds instead, so that many rounds do not keep every edge's weights on disk); with ``restore_own``, such
+    an edge gets its checkpointed weights back through the pool, for an update that keeps or compares them.
     """
     records: dict[str, dict[str, Any]] = {}
     aggregate_s = 0.0
@@ -106,7 +109,8 @@ def train_edges(ctx: RunContext, tally: Tally, phase: str, weights: StateDict | 
     for name in ctx.pool.names:
         cached = None
         if checkpoint_edges:
-            cached = ctx.store.load(f"{phase}/{name}", with_weights=aggregator is not None or keep is not None)
+            cached = ctx.store.load(f"{phase}/{name}",
+                                    with_weights=aggregator is not None or keep is not None or restore_own)
         if cached is None:
             missing.append(name)
             continue
@@ -119,6 +123,8 @@ def train_edges(ctx: RunContext, tally: Tally, phase: str, weights: StateDict | 
             aggregate_s += time.perf_counter() - t
         if keep is not None:
             keep[name] = w
+        if restore_own and w is not None:  # (a checkpoint's weights are written before its record)
+            ctx.pool.restore_own_weights(name, w)
     if missing:
         start = time.perf_counter()
         for reply in ctx.pool.fit(weights, phase=phase, epochs=epochs, only=missing):
@@ -148,11 +154,15 @@ def train_edges(ctx: RunContext, tally: Tally, phase: str, weights: StateDict | 
 
 
 def pretrain(ctx: RunContext, tally: Tally, *, aggregator: Aggregator | None = None,
-             keep: dict[str, StateDict] | None = None) -> None:
-    """Steps 0-1: the shared start goes to the edges, each pre-trains and reports ``accuracy_before``."""
+             keep: dict[str, StateDict] | None = None, restore_own: bool = False) -> None:
+    """Steps 0-1: the shared start goes to the edges, each pre-trains and reports ``accuracy_before``.
+
+    ``restore_own``: the update needs each edge's own pre-trained weights, so edges whose pre-training is
+    reloaded from checkpoints (``--resume``) get theirs back (``EdgePool.restore_own_weights``)."""
     init = initial_weights(ctx, tally)
     records = train_edges(ctx, tally, "pretrain", init if ctx.cfg["shared_init"] else None,
-                          epochs=ctx.cfg["edge"]["epochs"], aggregator=aggregator, keep=keep)
+                          epochs=ctx.cfg["edge"]["epochs"], aggregator=aggregator, keep=keep,
+                          restore_own=restore_own)
     for name, record in records.items():
         tally.edges[name]["accuracy_before"] = record["accuracy"]
 
@@ -206,12 +216,36 @@ def server_train(ctx: RunContext, tally: Tally, phase: str, weights: StateDict,
     return trained
 
 
-def update(ctx: RunContext, tally: Tally, weights: StateDict, phase: str = "update") -> None:
-    """Step 5: send the final weights to every edge, which replaces its model and evaluates it."""
+def update(ctx: RunContext, tally: Tally, weights: StateDict, phase: str = "update") -> dict[str, object]:
+    """Step 5: send the final weights to every edge, which makes its final model (``update.mode``) and evaluates
+    it. Returns each edge's final weights for the output directory: SAME_AS_SERVER when it kept the server's,
+    its own weights when the runtime hands them over, else KEPT_AT_EDGE (a deployed edge keeps them)."""
     start = time.perf_counter()
+    final: dict[str, object] = {n: SAME_AS_SERVER for n in ctx.pool.names}
+    kept_server = []
     for ev in ctx.pool.evaluate(weights, phase=phase):
-        tally.edges[ev.name]["accuracy_after"] = ev.accuracy
-        tally.edges[ev.name]["test_samples"] = ev.test_samples
+        edge = tally.edges[ev.name]
+        edge["accuracy_after"] = ev.accuracy
+        edge["test_samples"] = ev.test_samples
+        edge["update_kept"] = ev.kept
+        edge["update_train_samples"] = ev.train_samples
+        edge["update_validation"] = ev.validation
         tally.bytes["downlink"] += ev.bytes_down
-        ctx.emit({"participant": ev.name, "phase": phase, "test_accuracy": ev.accuracy})
+        for fine_tune, history in ev.history.items():
+            for m in history:
+                ctx.emit({"participant": ev.name, "phase": fine_tune, **m})
+        record: dict[str, Any] = {"participant": ev.name, "phase": phase, "test_accuracy": ev.accuracy}
+        if ev.kept == "server":
+            kept_server.append(ev.name)
+        else:
+            record.update(kept=ev.kept, test_accuracy_full=ev.accuracy_full)
+            edge["accuracy_after_full"] = ev.accuracy_full
+            final[ev.name] = ev.weights if ev.weights is not None else KEPT_AT_EDGE
+            edge["weights_at_edge"] = ev.weights is None
+        ctx.emit(record)
+    if kept_server:  # the server's model on the full test set: the server measures it once for all such edges
+        accuracy_full = ctx.server.evaluate(weights)
+        for name in kept_server:
+            tally.edges[name]["accuracy_after_full"] = accuracy_full
     tally.timing["update"] += time.perf_counter() - start
+    return final

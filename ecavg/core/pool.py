@@ -28,7 +28,13 @@ class EdgePool(ABC):
 
     @abstractmethod
     def evaluate(self, weights: Mapping[str, torch.Tensor], *, phase: str) -> Iterator[EdgeEvaluation]:
-        """Send ``weights`` to every edge; each replaces its model and evaluates it on its own test data."""
+        """Send the final ``weights`` to every edge; each makes its final model from them (``update.mode``:
+        replace, fine-tune, ...) and evaluates it on its own test data."""
+
+    @abstractmethod
+    def restore_own_weights(self, name: str, weights: Mapping[str, torch.Tensor]) -> None:
+        """Give edge ``name`` its own pre-trained ``weights`` back, when its pre-training was reloaded from the
+        run's checkpoints (``--resume``) and the update mode keeps or compares the edge's own model."""
 
     @abstractmethod
     def training_data(self) -> ImageDataset:

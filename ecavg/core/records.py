@@ -10,21 +10,20 @@ import torch
 StateDict = dict[str, torch.Tensor]
 
 
-class _SameAsServer:
-    """Marks an edge whose final weights are the server's (written as a link to server.safetensors)."""
+class _WeightsMarker:
+    """Stands for an edge's final weights that the run does not hold as tensors of their own."""
 
-    _instance: _SameAsServer | None = None
-
-    def __new__(cls) -> _SameAsServer:
-        if cls._instance is None:
-            cls._instance = super().__new__(cls)
-        return cls._instance
+    def __init__(self, name: str):
+        self._name = name
 
     def __repr__(self) -> str:
-        return "SAME_AS_SERVER"
+        return self._name
 
 
-SAME_AS_SERVER = _SameAsServer()
+# The edge's final weights are the server's (written as a link to server.safetensors).
+SAME_AS_SERVER = _WeightsMarker("SAME_AS_SERVER")
+# The edge's final weights are its own and stay on the edge (a deployment: nothing is written for it).
+KEPT_AT_EDGE = _WeightsMarker("KEPT_AT_EDGE")
 
 
 @dataclass
@@ -47,12 +46,27 @@ class EdgeReply:
 
 @dataclass
 class EdgeEvaluation:
-    """What one edge reports after the update: its accuracy on its own test data."""
+    """What one edge reports after the update (``update.mode``, ``ecavg.core.update``).
+
+    ``kept`` names the model the edge ended with ("server" for the paper's replace); ``accuracy`` is that
+    model's accuracy on the edge's own test partition, ``accuracy_full`` on the full test set (None when the
+    edge kept the server's model, which the server measures itself, or holds no copy of the full test set).
+    ``weights`` are the edge's final weights when they are not the server's and the runtime hands them over
+    (embedded); a deployed edge keeps them. ``train_samples`` counts the samples the update trained on
+    (epochs x training set, every fine-tune together), ``validation`` each candidate's accuracy on the edge's
+    held-out slice (guarded), ``history`` the per-epoch metrics of each fine-tune, by phase.
+    """
 
     name: str
     accuracy: float
     test_samples: int
     bytes_down: int = 0
+    kept: str = "server"
+    accuracy_full: float | None = None
+    weights: StateDict | None = None
+    train_samples: int = 0
+    validation: dict[str, float] | None = None
+    history: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -61,4 +75,4 @@ class Outcome:
 
     results: dict[str, Any]
     server_weights: StateDict | None
-    edge_weights: dict[str, StateDict | _SameAsServer]  # per edge: its own weights, or SAME_AS_SERVER
+    edge_weights: dict[str, StateDict | _WeightsMarker]  # per edge: its own weights, SAME_AS_SERVER or KEPT_AT_EDGE

@@ -16,7 +16,8 @@ from ecavg.core import phases
 from ecavg.core.aggregation import make_aggregator
 from ecavg.core.objectives import make_objective
 from ecavg.core.phases import RunContext, Tally
-from ecavg.core.records import SAME_AS_SERVER, Outcome, StateDict
+from ecavg.core.records import Outcome, StateDict
+from ecavg.core.update import make_update_mode
 from ecavg.registry import Option, Registry
 
 
@@ -29,6 +30,10 @@ class Strategy(Option, ABC):
     server_training: ClassVar[str] = "none"
     # The results fields it fills, for the README's table.
     fills: ClassVar[str] = ""
+    # Whether it ends by sending a final model to the edges (step 5, shaped by update.mode).
+    updates_edges: ClassVar[bool] = True
+    # Whether each edge still has its own pre-trained model at the update (update modes that keep or compare it).
+    keeps_pretrained: ClassVar[bool] = False
 
     @classmethod
     def run(cls, ctx: RunContext) -> Outcome:
@@ -45,10 +50,6 @@ class Strategy(Option, ABC):
 STRATEGIES: Registry[Strategy] = Registry("strategy", "ecavg", what="strategy")
 
 
-def _all_same_as_server(ctx: RunContext) -> dict[str, object]:
-    return {n: SAME_AS_SERVER for n in ctx.pool.names}
-
-
 @STRATEGIES.register
 class ECAvg(Strategy):
     name = "ecavg"
@@ -56,22 +57,22 @@ class ECAvg(Strategy):
     summary = "the five steps: edges pre-train, the server averages, fine-tunes on the edges' data, sends it back"
     server_training = "optional"
     fills = "all"
+    keeps_pretrained = True
 
     @classmethod
     def compose(cls, ctx: RunContext, tally: Tally) -> tuple[StateDict | None, dict[str, object]]:
         aggregator = make_aggregator(ctx.cfg)
         objective = make_objective(ctx.cfg)
         kept: dict[str, StateDict] | None = {} if objective.needs_edge_models else None
-        phases.pretrain(ctx, tally, aggregator=aggregator, keep=kept)
+        phases.pretrain(ctx, tally, aggregator=aggregator, keep=kept,
+                        restore_own=make_update_mode(ctx.cfg).needs_own_weights)
         averaged = phases.aggregate(ctx, tally, aggregator)
         if ctx.cfg["server_data_fraction"] == 0:  # the server holds no data: one-shot averaging
-            phases.update(ctx, tally, averaged)
-            return averaged, _all_same_as_server(ctx)
+            return averaged, phases.update(ctx, tally, averaged)
         if kept is not None:
             tally.server.update(objective.bind(ctx.server, kept))
         finetuned = phases.server_train(ctx, tally, "finetune", averaged, objective)
-        phases.update(ctx, tally, finetuned)
-        return finetuned, _all_same_as_server(ctx)
+        return finetuned, phases.update(ctx, tally, finetuned)
 
 
 @STRATEGIES.register
@@ -88,8 +89,7 @@ class Centralized(Strategy):
     def compose(cls, ctx: RunContext, tally: Tally) -> tuple[StateDict | None, dict[str, object]]:
         init = phases.initial_weights(ctx, tally)
         trained = phases.server_train(ctx, tally, "centralized", init, make_objective(ctx.cfg))
-        phases.update(ctx, tally, trained)
-        return trained, _all_same_as_server(ctx)
+        return trained, phases.update(ctx, tally, trained)
 
 
 @STRATEGIES.register
@@ -98,6 +98,7 @@ class LocalOnly(Strategy):
     title = "local-only edges"
     summary = "edges pre-train only (what each edge has without the server)"
     fills = "`accuracy_before`"
+    updates_edges = False
 
     @classmethod
     def compose(cls, ctx: RunContext, tally: Tally) -> tuple[StateDict | None, dict[str, object]]:
@@ -149,8 +150,7 @@ class FedAvg(Strategy):
                     tally.edges[name]["accuracy_before"] = acc
             tally.server["accuracy_averaged"] = record["accuracy"]
         assert global_weights is not None
-        phases.update(ctx, tally, global_weights)
-        return global_weights, _all_same_as_server(ctx)
+        return global_weights, phases.update(ctx, tally, global_weights)
 
 
 def run_strategy(ctx: RunContext) -> Outcome:

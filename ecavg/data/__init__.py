@@ -8,7 +8,7 @@ from ecavg.errors import DataError
 
 from .dataset import DATASET_NAMES, DatasetSplits, ImageDataset
 from .loading import load_dataset
-from .partition import PARTITION_SCHEMES, partition_indices, partition_test_like
+from .partition import PARTITION_SCHEMES, partition_indices, partition_test_like, stratified_share
 from .pipeline import TensorLoader
 
 __all__ = [
@@ -21,4 +21,5 @@ __all__ = [
     "load_dataset",
     "partition_indices",
     "partition_test_like",
+    "stratified_share",
 ]

@@ -12,12 +12,24 @@ from typing import Sequence
 import numpy as np
 import torch
 
-__all__ = ["PARTITION_SCHEMES", "partition_indices", "partition_test_like"]
+__all__ = ["PARTITION_SCHEMES", "partition_indices", "partition_test_like", "stratified_share"]
 
 PARTITION_SCHEMES = ("iid", "ratio", "dirichlet", "shards")
 
 # How often a Dirichlet draw that leaves an edge empty is repeated before falling back to a repair.
 _DIRICHLET_MAX_DRAWS = 100
+
+
+def stratified_share(labels: torch.Tensor, num_classes: int, fraction: float, generator: torch.Generator
+                     ) -> torch.Tensor:
+    """Positions of a seeded, class-stratified random share: round(n_c * fraction) samples of each class c,
+    class by class in draw order (callers sort if they need order). Used for data.train_fraction, the server's
+    share (server_data_fraction) and the guarded update's validation slice."""
+    keep = []
+    for c in range(num_classes):
+        idx = (labels == c).nonzero().flatten()
+        keep.append(idx[torch.randperm(len(idx), generator=generator)[: int(round(len(idx) * fraction))]])
+    return torch.cat(keep) if keep else torch.empty(0, dtype=torch.int64)
 
 
 def partition_indices(

@@ -49,8 +49,11 @@ class EmbeddedEdgePool(EdgePool):
     def evaluate(self, weights: Mapping[str, torch.Tensor], *, phase: str) -> Iterator[EdgeEvaluation]:
         payload = encode_state_dict(weights)
         for edge in self._edges.values():
-            evaluation = edge.evaluate(decode_state_dict(payload, name=edge.name))
+            evaluation = edge.update(decode_state_dict(payload, name=edge.name))
             yield dataclasses.replace(evaluation, bytes_down=len(payload))
+
+    def restore_own_weights(self, name: str, weights: Mapping[str, torch.Tensor]) -> None:
+        self._select([name])[0].pretrained_weights = dict(weights)
 
     def training_data(self) -> ImageDataset:
         return self._union

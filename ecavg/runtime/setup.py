@@ -28,7 +28,15 @@ from ecavg.core.phases import RunContext
 from ecavg.core.pool import EdgePool
 from ecavg.core.strategies import run_strategy
 from ecavg.core.training import TrainingSettings
-from ecavg.data import DatasetSplits, ImageDataset, load_dataset, partition_indices, partition_test_like
+from ecavg.core.update import make_update_mode, validation_split
+from ecavg.data import (
+    DatasetSplits,
+    ImageDataset,
+    load_dataset,
+    partition_indices,
+    partition_test_like,
+    stratified_share,
+)
 from ecavg.errors import ConfigError
 from ecavg.report import build_results, write_outputs
 
@@ -58,12 +66,7 @@ def train_subset(data: ImageDataset, fraction: float, seed: int) -> ImageDataset
     if fraction >= 1.0:
         return data
     g = torch.Generator().manual_seed(derive_seed(seed, "train-subset"))
-    keep = []
-    for c in range(data.num_classes):
-        idx = (data.labels == c).nonzero().flatten()
-        n = int(round(len(idx) * fraction))
-        keep.append(idx[torch.randperm(len(idx), generator=g)[:n]])
-    return data.subset(torch.cat(keep).sort().values)
+    return data.subset(stratified_share(data.labels, data.num_classes, fraction, g).sort().values)
 
 
 def server_share(edge_train: ImageDataset, fraction: float, seed: int, edge_name: str) -> torch.Tensor:
@@ -73,12 +76,7 @@ def server_share(edge_train: ImageDataset, fraction: float, seed: int, edge_name
     if fraction >= 1.0:
         return torch.arange(len(edge_train))
     g = torch.Generator().manual_seed(derive_seed(seed, "server-share", edge_name))
-    keep = []
-    for c in range(edge_train.num_classes):
-        idx = (edge_train.labels == c).nonzero().flatten()
-        n = int(round(len(idx) * fraction))
-        keep.append(idx[torch.randperm(len(idx), generator=g)[:n]])
-    return torch.cat(keep).sort().values
+    return stratified_share(edge_train.labels, edge_train.num_classes, fraction, g).sort().values
 
 
 @dataclass
@@ -117,12 +115,25 @@ def build_participants(cfg: dict[str, Any], splits: DatasetSplits, device: torch
         mean=tuple(splits.mean), std=tuple(splits.std), crop_padding=padding, flip=flip,
     )
     factory = ModelFactory(cfg["model"]["name"], model_options(cfg), spec, device, pretrained=cfg["pretrained"])
+    update_mode = make_update_mode(cfg)
+    if update_mode.uses_keep_local:  # a model without the parts update.keep_local names fails before anything runs
+        update_mode.check_model(factory.build(derive_seed(cfg["seed"], "init", "server")), cfg["model"]["name"])
     edge_settings = TrainingSettings.from_config(cfg["edge"])
-    edges = [
-        EdgeWorker(f"edge-{k}", k, train.subset(parts[k]), splits.test.subset(test_parts[k]), factory, edge_settings,
-                   cfg["seed"], eval_each_epoch=cfg["eval_each_epoch"])
-        for k in range(data_cfg["num_edges"])
-    ]
+    edges = []
+    for k in range(data_cfg["num_edges"]):
+        validation = None
+        if update_mode.holds_out_validation:
+            # Held out before anything trains: neither the edge's pre-training nor the server's union sees it.
+            rest, held = validation_split(train.subset(parts[k]), cfg["update"]["validation_fraction"], cfg["seed"],
+                                          f"edge-{k}")
+            if len(rest) == 0:
+                raise ConfigError(f"config key 'update.validation_fraction' leaves edge-{k} no training samples of its "
+                                  f"{len(parts[k])}; use a smaller fraction or fewer edges")
+            validation = train.subset(parts[k][held])
+            parts[k] = parts[k][rest]
+        edges.append(EdgeWorker(f"edge-{k}", k, train.subset(parts[k]), splits.test.subset(test_parts[k]), factory,
+                                edge_settings, cfg["seed"], eval_each_epoch=cfg["eval_each_epoch"],
+                                validation_data=validation, full_test_data=splits.test, update_mode=update_mode))
     fraction = cfg["server_data_fraction"]
     shared = [part[server_share(edge.train_data, fraction, cfg["seed"], edge.name)] for part, edge in zip(parts, edges)]
     union = train.subset(torch.cat(shared).sort().values)

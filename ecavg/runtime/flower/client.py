@@ -11,7 +11,9 @@ Each SuperNode is one edge. Its node config says where the edge's data is:
 * ``device``: overrides the config's ``device`` on this host.
 
 Flower starts a fresh ClientApp process per message; the edge's data is loaded again each time (from the
-decoded-tensor cache, so this is quick), and its state lives in the messages, not in the process.
+decoded-tensor cache, so this is quick), and its state lives in the messages and in Flower's ``context.state``
+(persisted per node and run), not in the process: an update mode that keeps or compares the edge's own
+pre-trained model (``update.mode``) finds it there, stored by the pre-training message.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from ecavg.config import model_options, resolve_config
 from ecavg.core.participants import EdgeWorker, ModelFactory, resolve_device
 from ecavg.core.serialization import decode_state_dict, encode_state_dict
 from ecavg.core.training import TrainingSettings
+from ecavg.core.update import make_update_mode, validation_split
 from ecavg.data import load_dataset
 from ecavg.runtime.flower import wire
 from ecavg.runtime.setup import build_participants, server_share
@@ -110,9 +113,19 @@ def build_local_edge(run_config: dict[str, Any], node_config: dict[str, Any], sp
                                  f"{wire.image_shape_of(server_spec)} (channels, height, width)")
         # The model and the input normalisation are the server's, so every edge trains the same function.
         factory = ModelFactory(cfg["model"]["name"], model_options(cfg), server_spec, device)
-        worker = EdgeWorker(f"edge-{k}", k, splits.train, splits.test, factory,
+        update_mode = make_update_mode(cfg)
+        train_data, validation = splits.train, None
+        if update_mode.holds_out_validation:  # as build_participants does for a partition of the run's dataset
+            rest, held = validation_split(splits.train, cfg["update"]["validation_fraction"], cfg["seed"], f"edge-{k}")
+            if len(rest) == 0:
+                raise EdgeSetupError(f"edge-{k}: update.validation_fraction leaves none of its {len(splits.train)} "
+                                     "training samples to train on")
+            train_data, validation = splits.train.subset(rest), splits.train.subset(held)
+        # It has no copy of the run's test set: its accuracy_after_full is known only when it keeps the server's.
+        worker = EdgeWorker(f"edge-{k}", k, train_data, splits.test, factory,
                             TrainingSettings.from_config(cfg["edge"]), cfg["seed"],
-                            eval_each_epoch=cfg["eval_each_epoch"])
+                            eval_each_epoch=cfg["eval_each_epoch"], validation_data=validation,
+                            update_mode=update_mode)
         index, mode = None, "own"
     # The server sends the shared start; a pretrained file on the server need not exist on edge hosts.
     worker.factory = dataclasses.replace(worker.factory, pretrained="")
@@ -166,6 +179,10 @@ def data(message: Message, context: Context) -> Message:
     return Message(RecordDict({wire.TRAIN_DATA: _data_record(edge)}), reply_to=message)
 
 
+def _needs_own_weights(edge: LocalEdge) -> bool:
+    return edge.worker.update_mode is not None and edge.worker.update_mode.needs_own_weights
+
+
 def _fit(message: Message, context: Context) -> Message:
     edge = _local_edge(message, context)
     config = message.content[wire.CONFIG]
@@ -173,8 +190,12 @@ def _fit(message: Message, context: Context) -> Message:
     weights = _received_weights(message, edge)
     reply = edge.worker.fit(weights, phase=phase, epochs=epochs)
     log.info("%s %s: test accuracy %.4f on %d samples", edge.worker.name, phase, reply.accuracy, reply.test_samples)
+    payload = encode_state_dict(reply.weights)
+    if phase == "pretrain" and _needs_own_weights(edge):
+        # The next message (the update) runs in a fresh process: the edge's own model waits in the node's state.
+        context.state[wire.OWN_WEIGHTS] = wire.payload_record(payload)
     content = RecordDict({
-        wire.WEIGHTS: wire.payload_record(encode_state_dict(reply.weights)),
+        wire.WEIGHTS: wire.payload_record(payload),
         wire.METRICS: MetricRecord({"num-samples": reply.num_samples, "accuracy": float(reply.accuracy),
                                     "test-samples": reply.test_samples}),
         wire.REPORT: wire.config_record(history=json.dumps(reply.history)),
@@ -196,15 +217,39 @@ def fedavg_round(message: Message, context: Context) -> Message:
     return _fit(message, context)
 
 
+def _own_weights(message: Message, context: Context, edge: LocalEdge) -> dict[str, torch.Tensor] | None:
+    """The edge's own pre-trained weights: sent back by the server (a run resumed from checkpoints, then also
+    kept in the state), else from the node's state; None when neither has them (the update mode says so)."""
+    if wire.OWN_WEIGHTS in message.content:
+        payload = wire.payload_bytes(message.content, wire.OWN_WEIGHTS, source="server", max_bytes=edge.max_bytes)
+        context.state[wire.OWN_WEIGHTS] = wire.payload_record(payload)
+    elif wire.OWN_WEIGHTS in context.state:
+        payload = wire.payload_bytes(context.state, wire.OWN_WEIGHTS, source=f"{edge.worker.name}'s state",
+                                     max_bytes=None)
+    else:
+        return None
+    return decode_state_dict(payload, name=f"{edge.worker.name}'s own pre-trained weights")
+
+
 @client_app.evaluate("update")
 def update(message: Message, context: Context) -> Message:
     edge = _local_edge(message, context)
     weights = _received_weights(message, edge)
     if weights is None:
         raise EdgeSetupError("evaluate.update carries no weights")
-    evaluation = edge.worker.evaluate(weights)
-    log.info("%s update: test accuracy %.4f on %d samples", edge.worker.name, evaluation.accuracy,
-             evaluation.test_samples)
-    content = RecordDict({wire.METRICS: MetricRecord({"accuracy": float(evaluation.accuracy),
-                                                      "test-samples": evaluation.test_samples})})
+    if _needs_own_weights(edge):
+        # Never from this process's memory: a deployment starts a fresh process per message.
+        edge.worker.pretrained_weights = _own_weights(message, context, edge)
+    evaluation = edge.worker.update(weights)
+    log.info("%s update: kept %s, test accuracy %.4f on %d samples", edge.worker.name, evaluation.kept,
+             evaluation.accuracy, evaluation.test_samples)
+    metrics: dict[str, Any] = {"accuracy": float(evaluation.accuracy), "test-samples": evaluation.test_samples,
+                               "update-train-samples": evaluation.train_samples}
+    if evaluation.accuracy_full is not None:
+        metrics["accuracy-full"] = float(evaluation.accuracy_full)
+    report = wire.config_record(
+        kept=evaluation.kept, history=json.dumps(evaluation.history),
+        validation=json.dumps(evaluation.validation) if evaluation.validation is not None else None)
+    # The edge's final weights stay here: the server learns which model it kept, not the model.
+    content = RecordDict({wire.METRICS: MetricRecord(metrics), wire.REPORT: report})
     return Message(content, reply_to=message)

@@ -32,6 +32,7 @@ from ecavg.core.participants import DataSpec, ServerWorker
 from ecavg.core.pool import EdgePool
 from ecavg.core.records import EdgeEvaluation, EdgeReply
 from ecavg.core.serialization import encode_state_dict
+from ecavg.core.update import make_update_mode
 from ecavg.data import ImageDataset, load_dataset
 from ecavg.runtime.flower import wire
 from ecavg.runtime.setup import RunDirectory, build_participants, execute, prepare_compute
@@ -71,7 +72,7 @@ class FlowerEdgePool(EdgePool):
 
     def __init__(self, grid: Grid, *, num_edges: int, settings: DeploySettings, spec: DataSpec, classes: list[str],
                  reference: Mapping[str, torch.Tensor], upload_data: bool, server_data: ImageDataset | None,
-                 emit=lambda record: None):
+                 emit=lambda record: None, update_candidates: tuple[str, ...] = ("server",)):
         self._grid = grid
         self._names = [f"edge-{k}" for k in range(num_edges)]
         self.settings = settings
@@ -82,6 +83,8 @@ class FlowerEdgePool(EdgePool):
         self._upload_data = upload_data  # share_data = "full" and the run trains on the server
         self._server_data = server_data
         self._emit = emit
+        self._update_candidates = update_candidates  # what an edge may report as kept (the run's update mode)
+        self._own_payloads: dict[str, bytes] = {}  # edges' own pre-trained weights restored from checkpoints
         self.nodes: dict[str, int] = {}
         self.modes: dict[str, str] = {}
         self.missing: dict[str, str] = {}
@@ -151,13 +154,22 @@ class FlowerEdgePool(EdgePool):
                 wire.CONFIG: wire.config_record(phase=phase, spec=self._spec_json),
                 wire.WEIGHTS: wire.payload_record(payload),
             })
+            if name in self._own_payloads:
+                messages[name][wire.OWN_WEIGHTS] = wire.payload_record(self._own_payloads[name])
         for name, reply in self._exchange(messages, wire.UPDATE, phase):
             try:
-                evaluation = wire.parse_evaluate_reply(reply, source=name, node_id=self.nodes[name])
+                evaluation = wire.parse_evaluate_reply(reply, source=name, node_id=self.nodes[name],
+                                                       candidates=self._update_candidates)
             except wire.EdgeReplyError as error:
                 self._drop(name, phase, f"{error.kind}: {error}")
                 continue
-            yield dataclasses.replace(evaluation, bytes_down=len(payload))
+            own = len(self._own_payloads.get(name, b""))
+            yield dataclasses.replace(evaluation, bytes_down=len(payload) + own)
+
+    def restore_own_weights(self, name: str, weights: Mapping[str, torch.Tensor]) -> None:
+        # A deployment does not resume today (each submission is a new run), but if it did, a fresh run's edges
+        # would hold no state: their own weights go down with the update message.
+        self._own_payloads[name] = encode_state_dict(weights)
 
     def training_data(self) -> ImageDataset:
         if self._server_data is not None:
@@ -364,7 +376,8 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], *, log_to_output: bool
         pool = FlowerEdgePool(grid, num_edges=cfg["data"]["num_edges"], settings=settings, spec=server.factory.spec,
                               classes=list(splits.train.classes), reference=reference,
                               upload_data=settings.share_data == "full" and server_training_needs_edge_data(cfg),
-                              server_data=server_data, emit=run_dir.emit)
+                              server_data=server_data, emit=run_dir.emit,
+                              update_candidates=make_update_mode(cfg).candidates())
         log.info("%s over Flower: %s, %d edges, %s on %s, share_data = %s, output %s", cfg["strategy"],
                  cfg["data"]["dataset"], cfg["data"]["num_edges"], cfg["model"]["name"], device,
                  settings.share_data, run_dir.path)

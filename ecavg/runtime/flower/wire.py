@@ -14,8 +14,13 @@ Message types (Flower accepts ``<train|evaluate|query>.<action>``):
 ``query.data``         the edge's training tensors, for the server (``share_data = "full"``)
 ``train.pretrain``     train from the sent weights (or the edge's own init); reply with weights
 ``train.fedavg``       the same for one FedAvg round (the phase name is in the config record)
-``evaluate.update``    replace the edge's model with the sent weights and evaluate it
+``evaluate.update``    the edge makes its final model from the sent weights (``update.mode``) and
+                       evaluates it; the reply says which model it kept (its weights stay on the edge)
 =====================  =========================================================================
+
+An edge keeps its own pre-trained weights, for update modes that need them, in Flower's ``context.state``
+(persisted per node and run, across the fresh process of every message) under ``OWN_WEIGHTS``, as a
+safetensors payload like every other tensor record.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from ecavg.core.participants import DataSpec
 from ecavg.core.records import EdgeEvaluation, EdgeReply, StateDict
 from ecavg.core.serialization import WeightsError, decode_state_dict, encode_state_dict
+from ecavg.core.update import FINETUNE_PHASES
 from ecavg.data import ImageDataset
 
 HELLO = "query.hello"
@@ -44,6 +50,7 @@ TRAIN_DATA = "train-data"  # ArrayRecord: images, labels (and global indices) of
 CONFIG = "config"  # ConfigRecord: server -> edge instructions
 METRICS = "metrics"  # MetricRecord: edge -> server numbers
 REPORT = "report"  # ConfigRecord: edge -> server text (identity, per-epoch history as JSON)
+OWN_WEIGHTS = "own-weights"  # ArrayRecord: an edge's own pre-trained weights (its context.state; on resume, sent)
 
 PAYLOAD_KEY = "payload"
 PAYLOAD_STYPE = "safetensors"
@@ -191,20 +198,26 @@ def _fraction(record: Mapping[str, Any], key: str, source: str) -> float:
     return float(value)
 
 
-def _history(content: RecordDict, source: str) -> list[dict[str, Any]]:
-    report = _record(content, REPORT, ConfigRecord, source)
-    text = report.get("history", "[]")
+def _json_text(report: Mapping[str, Any], key: str, default: str, source: str) -> Any:
+    text = report.get(key, default)
     if not isinstance(text, str) or len(text) > _MAX_HISTORY_CHARS:
-        raise EdgeReplyError(f"{source}: 'history' must be a JSON text of at most {_MAX_HISTORY_CHARS} characters")
+        raise EdgeReplyError(f"{source}: '{key}' must be a JSON text of at most {_MAX_HISTORY_CHARS} characters")
     try:
-        history = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as error:
-        raise EdgeReplyError(f"{source}: 'history' is not valid JSON ({error})") from None
-    ok = isinstance(history, list) and all(
+        raise EdgeReplyError(f"{source}: '{key}' is not valid JSON ({error})") from None
+
+
+def _is_epoch_list(history: Any) -> bool:
+    return isinstance(history, list) and all(
         isinstance(h, dict) and all(isinstance(k, str) and (isinstance(v, (int, float)) and not isinstance(v, bool))
                                     for k, v in h.items())
         for h in history)
-    if not ok:
+
+
+def _history(content: RecordDict, source: str) -> list[dict[str, Any]]:
+    history = _json_text(_record(content, REPORT, ConfigRecord, source), "history", "[]", source)
+    if not _is_epoch_list(history):
         raise EdgeReplyError(f"{source}: 'history' must be a list of {{name: number}} objects")
     return history
 
@@ -256,11 +269,36 @@ def parse_data_reply(reply: Message, *, source: str, node_id: int, spec: DataSpe
                              num_classes=spec.num_classes, max_bytes=max_bytes)
 
 
-def parse_evaluate_reply(reply: Message, *, source: str, node_id: int) -> EdgeEvaluation:
+def parse_evaluate_reply(reply: Message, *, source: str, node_id: int,
+                         candidates: tuple[str, ...] = ("server",)) -> EdgeEvaluation:
+    """Validate an ``evaluate.update`` reply: the accuracies, which model the edge kept (one of ``candidates``,
+    those of the run's update mode), the candidates' validation scores and the fine-tunes' per-epoch history."""
     check_reply_envelope(reply, source=source, node_id=node_id)
     metrics = _record(reply.content, METRICS, MetricRecord, source)
-    return EdgeEvaluation(source, _fraction(metrics, "accuracy", source),
-                          _count(metrics, "test-samples", source, minimum=0))
+    evaluation = EdgeEvaluation(source, _fraction(metrics, "accuracy", source),
+                                _count(metrics, "test-samples", source, minimum=0))
+    if "accuracy-full" in metrics:
+        evaluation.accuracy_full = _fraction(metrics, "accuracy-full", source)
+    if "update-train-samples" in metrics:
+        evaluation.train_samples = _count(metrics, "update-train-samples", source, minimum=0)
+    report = _record(reply.content, REPORT, ConfigRecord, source) if REPORT in reply.content else {}
+    kept = report.get("kept", "server")
+    if kept not in candidates:
+        raise EdgeReplyError(f"{source}: 'kept' must be one of {', '.join(candidates)} for this run's update mode, "
+                             f"got {kept!r}")
+    evaluation.kept = kept
+    if "validation" in report:
+        scores = _json_text(report, "validation", "{}", source)
+        if not isinstance(scores, dict) or not scores or any(k not in candidates for k in scores) or kept not in scores:
+            raise EdgeReplyError(f"{source}: 'validation' must map the scored candidates (among "
+                                 f"{', '.join(candidates)}, the kept one included) to accuracies")
+        evaluation.validation = {k: _fraction(scores, k, source) for k in scores}
+    history = _json_text(report, "history", "{}", source)
+    if not isinstance(history, dict) or not all(k in FINETUNE_PHASES and _is_epoch_list(v) for k, v in history.items()):
+        raise EdgeReplyError(f"{source}: 'history' must map fine-tuning phases ({', '.join(FINETUNE_PHASES)}) to "
+                             "lists of {name: number} objects")
+    evaluation.history = history
+    return evaluation
 
 
 @dataclass
