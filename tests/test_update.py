@@ -12,14 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from ecavg.config import ConfigError, resolve_config
 from ecavg.core.participants import EdgeWorker, ServerWorker
 from ecavg.core.serialization import load_state_dict
 from ecavg.core.training import TrainingSettings
-from ecavg.core.update import Guarded, batchnorm_keys, head_keys, make_update_mode
+from ecavg.core.update import Guarded, make_update_mode
 from ecavg.data import load_dataset
 from ecavg.experiment import run_experiment
+from ecavg.models import MODELS, ModelSpec, batchnorm_keys, head_keys
 from ecavg.runtime.setup import build_participants
 
 BASE = {
@@ -271,12 +273,17 @@ def test_fedavg_may_finetune_and_centralized_may_say_replace():
     assert resolve_config({"strategy": "centralized", "update": {"mode": "replace"}})["strategy"] == "centralized"
 
 
+def _headless(num_classes, in_channels, image_size):
+    return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size * image_size, num_classes))
+
+
 @pytest.mark.parametrize("model, keep_local, needle", [
-    ({"name": "squeezenet1_1"}, ["head"], "has no classifier head"),  # its classifier is a convolution
+    ({"name": "headless"}, ["head"], "classifier head"),  # its head is declared as a module it does not have
     ({"name": "mlp", "hidden": 8}, ["bn"], "has no BatchNorm layers"),
 ])
-def test_keep_local_on_a_model_without_that_part_fails_before_anything_is_written(tmp_path, model, keep_local,
-                                                                                  needle):
+def test_keep_local_on_a_model_without_that_part_fails_before_anything_is_written(tmp_path, monkeypatch, model,
+                                                                                  keep_local, needle):
+    monkeypatch.setitem(MODELS, "headless", ModelSpec(_headless, head="classifier"))
     out = tmp_path / "run"
     with pytest.raises(ConfigError, match="'update.keep_local'") as error:
         run_experiment(config(model=model, update={"mode": "personal", "keep_local": keep_local}), output_dir=out)
