@@ -34,11 +34,11 @@ def build_results(cfg: Mapping[str, Any], outcome: Outcome, *, runtime: str, dev
     }
 
 
-def _pct(v: float | None) -> str:
+def format_percent(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.2f}%"
 
 
-def _delta(after: float | None, before: float | None) -> str:
+def format_change(after: float | None, before: float | None) -> str:
     if after is None or before is None:
         return "-"
     return f"{100 * (after - before):+.2f} pp"
@@ -60,19 +60,19 @@ def results_table(results: Mapping[str, Any]) -> str:
     ]
     for e in results["edges"]:
         lines.append(
-            f"| {e['name']} | {e['train_samples']} | {e['test_samples']} | {_pct(e['accuracy_before'])} | "
-            f"{_pct(e['accuracy_after'])} | {_delta(e['accuracy_after'], e['accuracy_before'])} |"
+            f"| {e['name']} | {e['train_samples']} | {e['test_samples']} | {format_percent(e['accuracy_before'])} | "
+            f"{format_percent(e['accuracy_after'])} | {format_change(e['accuracy_after'], e['accuracy_before'])} |"
         )
     s = results["server"]
     lines += [
         "",
         "| server (full test set) | accuracy |",
         "|---|---:|",
-        f"| averaged weights | {_pct(s.get('accuracy_averaged'))} |",
+        f"| averaged weights | {format_percent(s.get('accuracy_averaged'))} |",
     ]
     if "accuracy_averaged_before_bn_recalibration" in s:
-        lines.append(f"| averaged, before BatchNorm recalibration | {_pct(s['accuracy_averaged_before_bn_recalibration'])} |")
-    lines.append(f"| fine-tuned / trained | {_pct(s.get('accuracy_finetuned'))} |")
+        lines.append(f"| averaged, before BatchNorm recalibration | {format_percent(s['accuracy_averaged_before_bn_recalibration'])} |")
+    lines.append(f"| fine-tuned / trained | {format_percent(s.get('accuracy_finetuned'))} |")
     t, b = results["timing_s"], results["bytes"]
     lines += [
         "",
