@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CONFIG ?= configs/quickstart.toml
 ARGS ?=
 
-.PHONY: run test bench bench-quick clean
+.PHONY: run test wheel-check bench bench-quick clean
 
 # The venv is rebuilt when pyproject.toml changes; one stamp per extras set.
 $(VENV)/.base: pyproject.toml
@@ -23,6 +23,10 @@ run: $(VENV)/.base
 test: $(VENV)/.dev
 	$(PY) -m pytest -q $(ARGS)
 
+# Build the wheel, install it outside the checkout and run the sample from there (scripts/wheel_check.sh).
+wheel-check: $(VENV)/.base
+	PY=$(PY) bash scripts/wheel_check.sh
+
 bench: $(VENV)/.dev
 	$(PY) bench/run.py
 
@@ -30,4 +34,4 @@ bench-quick: $(VENV)/.dev
 	$(PY) bench/run.py --quick
 
 clean:
-	rm -rf $(VENV) runs build *.egg-info
+	rm -rf $(VENV) runs build dist *.egg-info

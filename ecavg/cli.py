@@ -60,13 +60,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
             results = run_experiment(user, data_dir=args.data_dir, output_dir=args.output)
     print(results_table(results))
     written = "results.json, results.md, accuracy.png, metrics.jsonl"
-    if not args.no_report and _write_report(Path(results["output_dir"])):
+    if not args.no_report and write_report_or_warn(Path(results["output_dir"])):
         written += ", report.html"
     print(f"Results written to {results['output_dir']}/ ({written})")
     return 0
 
 
-def _write_report(directory: Path) -> bool:
+def write_report_or_warn(directory: Path) -> bool:
     """report.html at the end of a run or sweep; a failure here warns but keeps the finished run's exit code 0."""
     from ecavg.html_report import write_report
 
@@ -157,7 +157,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     run_sweep(user, parse_grid(args.grid), output_dir=out, data_dir=args.data_dir)
     print((out / "sweep.md").read_text())
     written = "sweep.md, sweep.csv, sweep.png"
-    if not args.no_report and _write_report(out):
+    if not args.no_report and write_report_or_warn(out):
         written += ", report.html"
     print(f"Sweep written to {out}/ ({written}, one folder per run)")
     return 0
