@@ -23,6 +23,7 @@ from ecavg.report_charts import (
     accuracy_figure,
     epoch_figure,
     protocol_figure,
+    suffix_label,
     sweep_curves_figure,
     sweep_summary_figure,
     timing_figure,
@@ -235,10 +236,6 @@ def edge_columns(edges: list[Mapping[str, Any]]) -> tuple[list[str], list[str]]:
     return suffixes, [k for k in keys if k not in paired]
 
 
-def suffix_label(suffix: str) -> str:
-    return "full test set" if "full" in suffix else suffix.strip("_").replace("_", " ")
-
-
 def edge_table(edges: list[Mapping[str, Any]]) -> str:
     suffixes, others = edge_columns(edges)
     headers = ["participant", "train samples", "test samples", "before (own test data)", "after (own test data)",
@@ -327,7 +324,7 @@ def run_page(run_dir: Path) -> Page:
                  f"runtime {esc(results.get('runtime', '-'))} on {esc(results.get('device', '-'))}.</p>")
         page.add(summary(results))
         page.add("<h2>Accuracy</h2>" + edge_table(results["edges"]) + server_table(results["server"]))
-        page.chart(accuracy_figure(results))
+        page.chart(accuracy_figure(results, edge_columns(results["edges"])[0]))
         if not page.interactive and (uri := image_data_uri(run_dir / "accuracy.png")):
             page.add(f'<img alt="accuracy per participant" src="{uri}">')
     if page.interactive and records:

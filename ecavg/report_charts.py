@@ -55,20 +55,26 @@ def epoch_series(records: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], 
     return series
 
 
-def accuracy_figure(results: Mapping[str, Any]) -> Any:
+def suffix_label(suffix: str) -> str:
+    """What an extra before/after pair of an edge measures: ``accuracy_before_full`` -> "full test set"."""
+    return "full test set" if "full" in suffix else suffix.strip("_").replace("_", " ")
+
+
+def accuracy_figure(results: Mapping[str, Any], suffixes: Sequence[str] = ()) -> Any:
+    """Each edge before and after the update (on its own test data, and for each extra measured pair named by
+    its key suffix), and the server's averaged and fine-tuned models."""
     import plotly.graph_objects as go
 
     edges = results["edges"]
     names = [e["name"] for e in edges]
     fig = go.Figure()
-    pairs = [("", "own test data")] + [(k[len("accuracy_before"):], "full test set" if "full" in k else k)
-                                       for k in (edges[0] if edges else {})
-                                       if k.startswith("accuracy_before") and k != "accuracy_before"]
-    for suffix, label in pairs:
+    for suffix in ("", *suffixes):
+        label = suffix_label(suffix) if suffix else "own test data"
         for when, shade in (("before", 0.55), ("after", 1.0)):
             values = [e.get(f"accuracy_{when}{suffix}") for e in edges]
-            fig.add_bar(name=f"edge {when} update ({label})", x=names, y=[None if v is None else 100 * v for v in values],
-                        opacity=shade, hovertemplate="%{x}: %{y:.2f}%<extra>%{fullData.name}</extra>")
+            fig.add_bar(name=f"edge {when} update ({label})", x=names, opacity=shade,
+                        y=[None if v is None else 100 * v for v in values],
+                        hovertemplate="%{x}: %{y:.2f}%<extra>%{fullData.name}</extra>")
     s = results["server"]
     for key, label in (("accuracy_averaged", "server averaged"), ("accuracy_finetuned", "server fine-tuned")):
         if s.get(key) is not None:
