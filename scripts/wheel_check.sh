@@ -15,7 +15,11 @@ work=$(mktemp -d "${TMPDIR:-/tmp}/ecavg-wheel-check.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 started=$SECONDS
 
-"$PY" -m pip wheel . --no-deps --no-build-isolation --quiet -w "$work/dist"
+# Built from a copy of the files git knows (tracked, or new and not ignored): a stale build/ or egg-info in the
+# checkout would otherwise put files into the wheel that package-data no longer names.
+mkdir "$work/src"
+git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t "$work/src"
+"$PY" -m pip wheel "$work/src" --no-deps --no-build-isolation --quiet -w "$work/dist"
 wheel=$(ls "$work"/dist/ecavg-*.whl)
 version=$("$PY" -c 'import ecavg; print(ecavg.__version__)')
 case "$(basename "$wheel")" in
