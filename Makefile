@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CONFIG ?= configs/quickstart.toml
 ARGS ?=
 
-.PHONY: run test lint bench bench-quick clean
+.PHONY: run test test-fast lint wheel-check bench bench-quick clean
 
 # The venv is rebuilt when pyproject.toml changes; one stamp per extras set.
 $(VENV)/.base: pyproject.toml
@@ -26,6 +26,10 @@ test: $(VENV)/.dev
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check .
 
+# Build the wheel, install it outside the checkout and run the sample from there (scripts/wheel_check.sh).
+wheel-check: $(VENV)/.base
+	PY=$(PY) bash scripts/wheel_check.sh
+
 bench: $(VENV)/.dev
 	$(PY) bench/run.py
 
@@ -33,4 +37,4 @@ bench-quick: $(VENV)/.dev
 	$(PY) bench/run.py --quick
 
 clean:
-	rm -rf $(VENV) runs build *.egg-info
+	rm -rf $(VENV) runs build dist *.egg-info

@@ -59,7 +59,36 @@ def _cmd_run(args: argparse.Namespace) -> int:
         else:
             results = run_experiment(user, data_dir=args.data_dir, output_dir=args.output)
     print(results_table(results))
-    print(f"Results written to {results['output_dir']}/ (results.json, results.md, accuracy.png, metrics.jsonl)")
+    written = "results.json, results.md, accuracy.png, metrics.jsonl"
+    if not args.no_report and write_report_or_warn(Path(results["output_dir"])):
+        written += ", report.html"
+    print(f"Results written to {results['output_dir']}/ ({written})")
+    return 0
+
+
+def write_report_or_warn(directory: Path) -> bool:
+    """report.html at the end of a run or sweep; a failure here warns but keeps the finished run's exit code 0."""
+    from ecavg.html_report import write_report
+
+    try:
+        write_report(directory)
+    except Exception as e:  # the results are already on disk: losing them to a report bug would be worse
+        print(f"ecavg: warning: report.html not written ({type(e).__name__}: {e}); "
+              f"try `ecavg report {directory}`", file=sys.stderr)
+        return False
+    return True
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    import webbrowser
+
+    from ecavg.html_report import plotly_available, write_report
+
+    path = write_report(args.directory)
+    note = "" if plotly_available() else " (static: plotly is not installed)"
+    print(f"Report written to {path}{note}")
+    if args.open:
+        webbrowser.open(path.resolve().as_uri())
     return 0
 
 
@@ -127,7 +156,10 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     out = args.output or Path("runs") / f"sweep-{args.config.stem}"
     run_sweep(user, parse_grid(args.grid), output_dir=out, data_dir=args.data_dir)
     print((out / "sweep.md").read_text())
-    print(f"Sweep written to {out}/ (sweep.md, sweep.csv, sweep.png, one folder per run)")
+    written = "sweep.md, sweep.csv, sweep.png"
+    if not args.no_report and write_report_or_warn(out):
+        written += ", report.html"
+    print(f"Sweep written to {out}/ ({written}, one folder per run)")
     return 0
 
 
@@ -167,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--runtime", choices=("embedded", "flower-sim"), default="embedded",
                      help="embedded: all edges in this process (default); flower-sim: Flower's Ray simulation "
                           "runtime, the deployment's code path (same as `ecavg deploy sim`; needs flwr[simulation])")
+    run.add_argument("--no-report", action="store_true", help="do not write report.html at the end")
     run.set_defaults(func=_cmd_run)
 
     sweep = sub.add_parser("sweep", help="run a grid of experiments and tabulate them (re-run to continue)")
@@ -174,7 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--grid", "-g", action="append", default=[], metavar="KEY=V1,V2,...",
                        help="a config key and its values, e.g. --grid data.alpha=100,1,0.1 (repeatable: the "
                             "cartesian product runs); --grid seed=0,1,2 gives mean and spread over seeds")
+    sweep.add_argument("--no-report", action="store_true", help="do not write report.html at the end")
     sweep.set_defaults(func=_cmd_sweep)
+
+    report = sub.add_parser("report", help="write report.html (charts, tables, config) into a run or sweep "
+                                           "directory")
+    report.add_argument("directory", type=Path, metavar="RUN_OR_SWEEP_DIR")
+    report.add_argument("--open", action="store_true", help="open it in the default web browser")
+    report.set_defaults(func=_cmd_report)
 
     deploy = sub.add_parser("deploy", help="run one experiment on a Flower federation (see docs/deploy.md)")
     deploy_sub = deploy.add_subparsers(dest="where", required=True)

@@ -125,7 +125,7 @@ def run_sweep(
     return rows
 
 
-def _group_over_seeds(keys: list[str], rows: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
+def group_over_seeds(keys: list[str], rows: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
     """Rows averaged over the ``seed`` grid key: each metric becomes (mean, std, n)."""
     group_keys = [k for k in keys if k != "seed"]
     groups: dict[tuple, list[dict[str, Any]]] = {}
@@ -140,7 +140,7 @@ def _group_over_seeds(keys: list[str], rows: list[dict[str, Any]]) -> tuple[list
     return group_keys, grouped
 
 
-def _fmt(metric: str, value: Any) -> str:
+def format_metric(metric: str, value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, tuple):
@@ -149,20 +149,20 @@ def _fmt(metric: str, value: Any) -> str:
     return f"{value:.1f}" if metric == "total_s" else percent(value)
 
 
-def _fmt_value(v: Any) -> str:
+def format_grid_value(v: Any) -> str:
     """A grid value as it is written in --grid / TOML (true, [0.7, 0.3], resnet18)."""
     return json.dumps(v) if isinstance(v, (list, bool)) else str(v)
 
 
 def write_sweep_outputs(out: Path, keys: list[str], rows: list[dict[str, Any]], base: Mapping[str, Any]) -> None:
     by_seed = "seed" in keys and len({json.dumps(r["point"]["seed"]) for r in rows}) > 1
-    shown_keys, shown_rows = _group_over_seeds(keys, rows) if by_seed else (keys, rows)
+    shown_keys, shown_rows = group_over_seeds(keys, rows) if by_seed else (keys, rows)
 
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow([*keys, "run", *METRICS])
     for r in rows:
-        writer.writerow([_fmt_value(r["point"][k]) for k in keys] + [r["run"]] + ["" if r[m] is None else r[m] for m in METRICS])
+        writer.writerow([format_grid_value(r["point"][k]) for k in keys] + [r["run"]] + ["" if r[m] is None else r[m] for m in METRICS])
     write_text_atomic(out / "sweep.csv", buf.getvalue())
 
     resolved = resolve_config(base)
@@ -178,8 +178,8 @@ def write_sweep_outputs(out: Path, keys: list[str], rows: list[dict[str, Any]], 
         "|" + "---|" * len(shown_keys) + ("---:|" if by_seed else "") + "---:|" * len(METRICS),
     ]
     for r in shown_rows:
-        cells = [_fmt_value(r["point"][k]) for k in shown_keys] + ([str(r["n"])] if by_seed else [])
-        lines.append("| " + " | ".join(cells + [_fmt(m, r[m]) for m in METRICS]) + " |")
+        cells = [format_grid_value(r["point"][k]) for k in shown_keys] + ([str(r["n"])] if by_seed else [])
+        lines.append("| " + " | ".join(cells + [format_metric(m, r[m]) for m in METRICS]) + " |")
     write_text_atomic(out / "sweep.md", "\n".join(lines) + "\n")
     _plot(out / "sweep.png", shown_keys, shown_rows)
 
@@ -190,7 +190,7 @@ def _plot(path: Path, keys: list[str], rows: list[dict[str, Any]]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [", ".join(f"{k.split('.')[-1]}={_fmt_value(r['point'][k])}" for k in keys) or "all" for r in rows]
+    labels = [", ".join(f"{k.split('.')[-1]}={format_grid_value(r['point'][k])}" for k in keys) or "all" for r in rows]
     metrics = METRICS[:-1]
     width = 0.8 / len(metrics)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(rows) + 2), 4.0))

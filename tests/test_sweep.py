@@ -1,5 +1,6 @@
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,8 @@ def test_sweep_runs_grid_over_seeds_and_resumes(tmp_path, capsys, monkeypatch):
     assert all(float(r["edge_before"]) > 0.5 for r in rows)
     assert all(r["edge_after"] == "" for r in rows if r["strategy"] == "local")
     assert (out / "sweep.png").stat().st_size > 0
+    report = (out / "report.html").read_text()  # written by `ecavg sweep` at the end
+    assert "Mean ± std over seeds" in report and len(re.findall(r'<td><a href="[^"]+/results.md">', report)) == 4
     before = {p.name: json.loads((p / "results.json").read_text()) for p in out.iterdir() if p.is_dir()}
     assert len(before) == 4
 
