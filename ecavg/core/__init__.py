@@ -1,6 +1,21 @@
 """The engine-agnostic core: averaging, serialisation, training, the protocol and its strategies."""
 
-from ecavg.core.averaging import AggregationError, StreamingAverager, average_state_dicts
+from ecavg.core.averaging import (
+    AggregationError,
+    StreamingAverager,
+    average_state_dicts,
+)
+from ecavg.core.matching import (
+    align_to_reference,
+    match_weights,
+    permute_state_dict,
+    reference_index,
+)
+from ecavg.core.permutation_specs import (
+    MATCHABLE_MODELS,
+    PermutationSpec,
+    permutation_spec,
+)
 from ecavg.core.serialization import (
     WeightsError,
     decode_metadata,
@@ -12,14 +27,21 @@ from ecavg.core.serialization import (
 )
 
 __all__ = [
+    "MATCHABLE_MODELS",
     "AggregationError",
+    "PermutationSpec",
     "StreamingAverager",
-    "average_state_dicts",
     "WeightsError",
+    "align_to_reference",
+    "average_state_dicts",
     "decode_metadata",
     "decode_state_dict",
     "encode_state_dict",
     "load_state_dict",
+    "match_weights",
+    "permutation_spec",
+    "permute_state_dict",
+    "reference_index",
     "save_state_dict",
     "state_dict_nbytes",
 ]
