@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import ecavg
-from ecavg.errors import DeployError
 from ecavg.config import ConfigError, resolve_config
+from ecavg.errors import DeployError
 from ecavg.runtime.setup import RUN_CONFIG, default_output_dir
 
 log = logging.getLogger("ecavg")

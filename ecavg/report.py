@@ -10,8 +10,8 @@ from typing import Any, Mapping
 
 from ecavg.core.checkpoint import write_text_atomic
 from ecavg.core.records import KEPT_AT_EDGE, SAME_AS_SERVER, Outcome
-from ecavg.formatting import change_pp, percent
 from ecavg.core.serialization import save_state_dict
+from ecavg.formatting import change_pp, percent
 
 SCHEMA_VERSION = 1
 

@@ -2,14 +2,14 @@
 
 from ecavg.config.deploy import DeploySettings, check_data_policy, deploy_settings
 from ecavg.config.experiment import (
-    defaults,
-    schema,
-    strategy_of,
     apply_overrides,
+    defaults,
     load_toml,
     model_options,
     parse_override,
     resolve_config,
+    schema,
+    strategy_of,
     to_toml,
 )
 from ecavg.errors import ConfigError

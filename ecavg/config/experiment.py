@@ -10,11 +10,12 @@ import copy
 import functools
 from pathlib import Path
 from typing import Any, Callable, Mapping
+
+import tomli_w
+
 from ecavg.config.checks import boolean, choice, int_at_least, is_number, number_in, string
 from ecavg.config.deploy import deploy_settings
 from ecavg.errors import ConfigError
-
-import tomli_w
 
 try:  # Python 3.11+
     import tomllib

@@ -1,7 +1,22 @@
 """The engine-agnostic core: averaging, serialisation, training, the protocol and its strategies."""
 
-from ecavg.core.averaging import AggregationError, StreamingAverager, average_state_dicts
+from ecavg.core.averaging import (
+    AggregationError,
+    StreamingAverager,
+    average_state_dicts,
+)
 from ecavg.core.codecs import CODECS, Codec, codec, transfer_roundtrip
+from ecavg.core.matching import (
+    align_to_reference,
+    match_weights,
+    permute_state_dict,
+    reference_index,
+)
+from ecavg.core.permutation_specs import (
+    MATCHABLE_MODELS,
+    PermutationSpec,
+    permutation_spec,
+)
 from ecavg.core.serialization import (
     WeightsError,
     decode_metadata,
@@ -14,16 +29,24 @@ from ecavg.core.serialization import (
 
 __all__ = [
     "CODECS",
-    "AggregationError",
     "Codec",
+    "codec",
+    "transfer_roundtrip",
+    "MATCHABLE_MODELS",
+    "AggregationError",
+    "PermutationSpec",
     "StreamingAverager",
     "WeightsError",
+    "align_to_reference",
     "average_state_dicts",
-    "codec",
     "decode_metadata",
     "decode_state_dict",
     "encode_state_dict",
     "load_state_dict",
+    "match_weights",
+    "permutation_spec",
+    "permute_state_dict",
+    "reference_index",
     "save_state_dict",
     "state_dict_nbytes",
     "transfer_roundtrip",

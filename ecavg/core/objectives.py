@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 import torch
 from torch import nn
 
-from ecavg.core.records import StateDict
 from ecavg.config.checks import number_in
+from ecavg.core.records import StateDict
 from ecavg.registry import Key, Option, Registry
 
 if TYPE_CHECKING:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from ecavg.core.aggregation import AGGREGATORS
 from ecavg.core.objectives import OBJECTIVES
-from ecavg.registry import Registry
 from ecavg.core.strategies import STRATEGIES
 from ecavg.core.update import UPDATE_MODES
+from ecavg.registry import Registry
 
 REGISTRIES: tuple[Registry, ...] = (STRATEGIES, AGGREGATORS, OBJECTIVES, UPDATE_MODES)
 

@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
+
 from ecavg.errors import NonFiniteLossError
 
 log = logging.getLogger("ecavg")

@@ -27,11 +27,11 @@ from torch import nn
 from ecavg.config.checks import choice, int_at_least, number_in
 from ecavg.core.participants import cpu_state_dict, derive_seed
 from ecavg.core.records import EdgeEvaluation, StateDict
-from ecavg.registry import Key, Option, Registry
 from ecavg.core.training import TrainingSettings
 from ecavg.data import ImageDataset, stratified_share
 from ecavg.errors import ConfigError, EdgeSetupError, ModelError
 from ecavg.models import batchnorm_keys, head_keys
+from ecavg.registry import Key, Option, Registry
 
 if TYPE_CHECKING:
     from ecavg.core.participants import EdgeWorker

@@ -21,7 +21,6 @@ from torch import nn
 
 from ecavg.config.checks import boolean, int_at_least, number_in
 from ecavg.errors import ModelError
-from ecavg.registry import Key
 from ecavg.models.small import build_cnn, build_mlp
 from ecavg.models.torchvision_adapt import (
     TORCHVISION_NOTE,
@@ -30,6 +29,7 @@ from ecavg.models.torchvision_adapt import (
     build_torchvision,
     torchvision_classification_models,
 )
+from ecavg.registry import Key
 
 __all__ = [
     "HEAD_MODULE_NAMES",

@@ -29,16 +29,16 @@ import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from ecavg.errors import EdgeSetupError
 from ecavg.config import model_options, resolve_config
+from ecavg.config.deploy import deploy_settings
 from ecavg.core.participants import EdgeWorker, ModelFactory, resolve_device
 from ecavg.core.serialization import decode_state_dict, encode_state_dict
 from ecavg.core.training import TrainingSettings
 from ecavg.core.update import make_update_mode, validation_split
 from ecavg.data import load_dataset
+from ecavg.errors import EdgeSetupError
 from ecavg.runtime.flower import wire
 from ecavg.runtime.setup import build_participants, server_share
-from ecavg.config.deploy import deploy_settings
 
 log = logging.getLogger("ecavg")
 

@@ -26,22 +26,22 @@ import torch
 from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from ecavg.errors import DeploymentError, EdgeQuorumError
 from ecavg.config import resolve_config
-from ecavg.core.participants import DataSpec, ServerWorker
-from ecavg.core.pool import EdgePool
-from ecavg.core.records import EdgeEvaluation, EdgeReply
-from ecavg.core.serialization import encode_state_dict
-from ecavg.core.update import make_update_mode
-from ecavg.data import ImageDataset, load_dataset
-from ecavg.runtime.flower import wire
-from ecavg.runtime.setup import RunDirectory, build_participants, execute, prepare_compute
 from ecavg.config.deploy import (
     DeploySettings,
     check_data_policy,
     deploy_settings,
     server_training_needs_edge_data,
 )
+from ecavg.core.participants import DataSpec, ServerWorker
+from ecavg.core.pool import EdgePool
+from ecavg.core.records import EdgeEvaluation, EdgeReply
+from ecavg.core.serialization import encode_state_dict
+from ecavg.core.update import make_update_mode
+from ecavg.data import ImageDataset, load_dataset
+from ecavg.errors import DeploymentError, EdgeQuorumError
+from ecavg.runtime.flower import wire
+from ecavg.runtime.setup import RunDirectory, build_participants, execute, prepare_compute
 
 log = logging.getLogger("ecavg")
 
