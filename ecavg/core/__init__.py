@@ -49,5 +49,4 @@ __all__ = [
     "reference_index",
     "save_state_dict",
     "state_dict_nbytes",
-    "transfer_roundtrip",
 ]
