@@ -221,6 +221,12 @@ def _check_consistency(cfg: dict[str, Any]) -> None:
     if OBJECTIVES.get(cfg["server"]["objective"]).needs_edge_models and not strategy_of(cfg).edge_models:
         raise ConfigError(f"server.objective = \"{cfg['server']['objective']}\" learns from the edges' models, but "
                           f"strategy = \"{cfg['strategy']}\" has none; use strategy = \"ecavg\" or objective \"ce\"")
+    if cfg["aggregation"] == "match":
+        from ecavg.core.permutation_specs import MATCHABLE_MODELS
+
+        if cfg["model"]["name"] not in MATCHABLE_MODELS:
+            raise ConfigError(f"aggregation = \"match\" knows how to permute {', '.join(MATCHABLE_MODELS)}; "
+                              f"model.name = \"{cfg['model']['name']}\" is not one of them (use aggregation = \"average\")")
     if cfg["server_data_fraction"] == 0:
         needs = [what for what, on in (
             (f'strategy = "{cfg["strategy"]}"', strategy_of(cfg).server_training == "required"),

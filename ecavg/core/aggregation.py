@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
-from ecavg.core.averaging import StreamingAverager
+from ecavg.core.averaging import StreamingAverager, average_state_dicts
+from ecavg.core.matching import align_to_reference
+from ecavg.core.permutation_specs import permutation_spec
 from ecavg.core.records import StateDict
 from ecavg.registry import Option, Registry
 
@@ -49,6 +51,35 @@ class WeightedAverage(Aggregator):
 
     def result(self, server: ServerWorker) -> StateDict:
         return self._averager.result()
+
+
+@AGGREGATORS.register
+class MatchedAverage(Aggregator):
+    """Weight matching before averaging (Git Re-Basin, Ainsworth et al. 2022): each edge's hidden units are
+    permuted to line up with the edge that has the most samples, then averaged as ``average`` does.
+
+    Holds every edge's weights until ``result`` (K models, where ``average`` holds one). Combine with
+    ``bn_recalibration = true``: permuted-and-averaged BatchNorm statistics do not describe the new network.
+    """
+
+    name = "match"
+    summary = "permute each edge's hidden units to match the edge with the most samples, then average"
+
+    def __init__(self, cfg: Mapping[str, Any]):
+        super().__init__(cfg)
+        self._names: list[str] = []
+        self._weights: list[Mapping[str, torch.Tensor]] = []
+        self._counts: list[int] = []
+
+    def add(self, name: str, weights: Mapping[str, torch.Tensor], num_samples: int) -> None:
+        self._names.append(name)
+        self._weights.append(weights)
+        self._counts.append(num_samples)
+
+    def result(self, server: ServerWorker) -> StateDict:
+        spec = permutation_spec(self.cfg["model"]["name"], server.new_model())
+        aligned = align_to_reference(self._weights, self._counts, spec, seed=self.cfg["seed"])
+        return average_state_dicts(aligned, self._counts, names=self._names)
 
 
 def make_aggregator(cfg: Mapping[str, Any]) -> Aggregator:
