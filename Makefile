@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CONFIG ?= configs/quickstart.toml
 ARGS ?=
 
-.PHONY: run test lint bench bench-quick clean
+.PHONY: run test test-fast lint bench bench-quick clean
 
 # The venv is rebuilt when pyproject.toml changes; one stamp per extras set.
 $(VENV)/.base: pyproject.toml
@@ -22,6 +22,10 @@ run: $(VENV)/.base
 
 test: $(VENV)/.dev
 	$(PY) -m pytest -q $(ARGS)
+
+# Everything but the tests that start real Flower deployments (marked `deploy`).
+test-fast: $(VENV)/.dev
+	$(PY) -m pytest -q -m "not deploy" $(ARGS)
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check .
