@@ -106,11 +106,16 @@ class WorkDir:
         self.path = staging.with_name(f"ecavg-{kind}-{staging.name.removeprefix('.ecavg-new-')}")
         os.rename(staging, self.path)
         env = {k: v for k, v in os.environ.items() if k != reaper.TAG_VARIABLE}
-        # Its own session: a Ctrl-C or a signal to the launcher's process group does not reach it.
-        self.watchdog = subprocess.Popen(
-            [sys.executable, "-I", str(Path(reaper.__file__).resolve()), str(self.path)], env=env,
-            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-            pass_fds=(self.lock_fd,))
+        try:
+            # Its own session: a Ctrl-C or a signal to the launcher's process group does not reach it.
+            self.watchdog = subprocess.Popen(
+                [sys.executable, "-I", str(Path(reaper.__file__).resolve()), str(self.path)], env=env,
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                pass_fds=(self.lock_fd,))
+        except BaseException:
+            shutil.rmtree(self.path, ignore_errors=True)
+            os.close(self.lock_fd)
+            raise
 
     def flower_env(self) -> dict[str, str]:
         """The environment for the Flower processes of this launcher: offline, tagged with this directory."""
