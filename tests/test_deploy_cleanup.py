@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -136,7 +137,8 @@ def test_ctrl_c_during_start_up_stops_deploy_local_and_cleans_up(tmp_path):
 
 def test_a_signal_while_a_process_starts_is_delivered_after_it_is_recorded(tmp_path):
     """A Ctrl-C inside subprocess's fork hooks used to be printed as "Exception ignored in _releaseLock" and lost
-    (the run went on). Here the signal is sent from such a hook: it must interrupt, and the child be stopped."""
+    (the run went on). Here the signal is sent from such a hook, with a second thread alive (as torch has): it
+    must interrupt, and the child must be recorded and stopped."""
     armed = []
 
     def signal_during_fork() -> None:
@@ -145,6 +147,9 @@ def test_a_signal_while_a_process_starts_is_delivered_after_it_is_recorded(tmp_p
             os.kill(os.getpid(), signal.SIGINT)
 
     os.register_at_fork(after_in_parent=signal_during_fork)  # cannot be unregistered: inert once disarmed
+    release = threading.Event()
+    other_thread = threading.Thread(target=release.wait, daemon=True)  # a thread the kernel may pick for the signal
+    other_thread.start()
     federation = LocalFederation(tmp_path / "work", tmp_path / "logs")
     armed.append(True)
     try:
@@ -154,6 +159,7 @@ def test_a_signal_while_a_process_starts_is_delivered_after_it_is_recorded(tmp_p
         assert federation.alive("sleeper"), "the child started before the interrupt was not recorded"
     finally:
         armed.clear()
+        release.set()
         federation.stop()
     assert not federation.alive("sleeper")
 

@@ -12,8 +12,8 @@ Nothing a launcher starts may outlive it, however it ends:
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
-import functools
 import json
 import logging
 import os
@@ -24,10 +24,11 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,7 +56,7 @@ WORKDIR_KINDS = ("deploy", "sim", "submit")  # work directories are named ecavg-
 LOCK_FILE = ".lock"
 # Held back while a process is being started: a Ctrl-C that lands inside subprocess's fork hooks is otherwise
 # reported as "Exception ignored in _releaseLock" and lost, and one landing after the fork leaks the child.
-DEFERRED_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -159,12 +160,37 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
-def prepare_child(signal_mask: set[int]) -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Undo the launcher's held-back signals (a mask survives exec) and, on Linux, make the child die with it."""
-    signal.pthread_sigmask(signal.SIG_SETMASK, signal_mask)
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[None]:
+    """Hold back SIGINT and SIGTERM inside the block and deliver them right after it.
+
+    Python runs signal handlers in the main thread between bytecodes, also inside the fork hooks of
+    ``subprocess`` (where an exception is printed and dropped); so the handlers are swapped for one that only
+    records the signal (a signal mask would not do: the kernel hands the signal to another thread, if any).
+    Outside the main thread handlers cannot be swapped, and none run there anyway.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+
+    def record(signum: int, frame: object) -> None:
+        received.append(signum)
+
+    previous = {sig: signal.signal(sig, record) for sig in DEFERRED_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: not set from Python
+        for signum in dict.fromkeys(received):
+            signal.raise_signal(signum)
+
+
+def die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: if the launcher is killed outright (SIGKILL), its child gets SIGTERM instead of lingering."""
     if not sys.platform.startswith("linux"):
         return
-    # If the launcher is killed outright (SIGKILL), its children get SIGTERM instead of lingering.
     try:
         import ctypes
 
@@ -227,20 +253,15 @@ class LocalFederation:
         if label in self.processes and self.processes[label].poll() is None:
             raise DeployError(f"{label} is already running (pid {self.processes[label].pid})")
         log_path = self.logs_dir / f"{label}.log"
-        # A signal that arrives meanwhile is delivered when the mask is restored: after the child is recorded,
-        # so that stop() finds it.
-        previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, DEFERRED_SIGNALS)
-        try:
+        # A Ctrl-C meanwhile is delivered once the child is recorded, so that stop() finds it.
+        with deferred_signals():
             with log_path.open("ab") as log_file:
                 process = subprocess.Popen(
                     command, env=self.env, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
                     start_new_session=True,
-                    # Needs the fork path: PR_SET_PDEATHSIG and the signal mask are set in the child itself.
-                    preexec_fn=functools.partial(prepare_child, previous_mask),  # noqa: PLW1509
+                    preexec_fn=die_with_parent,  # noqa: PLW1509 - PR_SET_PDEATHSIG is set in the child itself
                 )
             self.processes[label] = process
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
         self._write_pids()
         log.debug("started %s (pid %d): %s", label, process.pid, " ".join(command))
         return process
