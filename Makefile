@@ -23,6 +23,10 @@ run: $(VENV)/.base
 test: $(VENV)/.dev
 	$(PY) -m pytest -q $(ARGS)
 
+# Everything but the tests that start real Flower deployments (marked `deploy`).
+test-fast: $(VENV)/.dev
+	$(PY) -m pytest -q -m "not deploy" $(ARGS)
+
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check .
 

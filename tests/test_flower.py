@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -20,15 +22,24 @@ pytest.importorskip("flwr", reason="the Flower runtime needs the flower extra (p
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict  # noqa: E402
 
 from ecavg.config import ConfigError, load_toml, resolve_config  # noqa: E402
+from ecavg.config.deploy import check_data_policy, deploy_settings  # noqa: E402
 from ecavg.core.participants import DataSpec  # noqa: E402
 from ecavg.core.serialization import encode_state_dict  # noqa: E402
 from ecavg.deploy import DeployError, deploy_local  # noqa: E402
 from ecavg.experiment import run_experiment  # noqa: E402
 from ecavg.runtime.flower import wire  # noqa: E402
-from ecavg.config.deploy import check_data_policy, deploy_settings  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 QUICKSTART = REPO / "configs" / "quickstart.toml"
+# The round timeout of the tests that wait for a dead edge to be noticed (it was 30 s). Every phase of the live edge,
+# the first (hello) included, must fit in it: each starts a fresh ClientApp process (Python, torch, the data), a few
+# seconds on an idle machine but 30-50 s on 2 cores at a load average of 12-15 (where 30 s failed too). There,
+# raise it with ECAVG_TEST_ROUND_TIMEOUT_S.
+DEAD_EDGE_TIMEOUT_S = float(os.environ.get("ECAVG_TEST_ROUND_TIMEOUT_S", "20"))
+# How the server learns that edge-1 died: its round timeout, or (with a timeout near a minute or more) the error
+# reply the SuperLink sends once the node has missed its heartbeats (Flower: 2 x 30 s).
+DEAD_EDGE_REASON = (rf"(timeout: no reply to train\.pretrain within {DEAD_EDGE_TIMEOUT_S:g} s"
+                    r"|error: edge-1: error reply \(code 5\): Error: Node Unavailable)")
 
 
 def _quick_config(**overrides) -> dict:
@@ -80,6 +91,7 @@ def _assert_all_stopped(out: Path) -> None:
 
 
 needs_proc = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="process checks read /proc (Linux)")
+deploy = pytest.mark.deploy  # starts a real SuperLink/SuperNodes or a simulation: skipped by `make test-fast`
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -87,6 +99,7 @@ needs_proc = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="pr
 # ---------------------------------------------------------------------------------------------------
 
 
+@deploy
 @needs_proc
 def test_deploy_local_reproduces_embedded_run(tmp_path):
     user = _quick_config(name="determinism")
@@ -175,11 +188,11 @@ def _parse(reply: Message, **kwargs):
 
 def test_a_valid_reply_is_accepted_bit_exact():
     weights = {k: v + 1 if v.is_floating_point() else v for k, v in _reference().items()}
-    parsed = _parse(_reply(_fit_content(weights, data=_data_payload())), spec=SPEC)
+    parsed, data, data_bytes = _parse(_reply(_fit_content(weights, data=_data_payload())), spec=SPEC)
     for key in weights:
         assert torch.equal(parsed.weights[key], weights[key])
     assert (parsed.num_samples, parsed.accuracy, parsed.test_samples) == (20, 0.5, 5)
-    assert parsed.data is not None and len(parsed.data) == 20 and parsed.data_bytes > 0
+    assert data is not None and len(data) == 20 and data_bytes > 0
 
 
 @pytest.mark.parametrize("mutate, expected", [
@@ -256,7 +269,7 @@ def test_error_replies_replies_from_other_nodes_and_bad_history_are_rejected():
 @pytest.mark.parametrize("payload, expected", [
     (_data_payload(shape=(3, 4, 4)), r"training images must be uint8 \[N, 1, 4, 4\]"),
     (_data_payload(label_shift=5), r"training labels span \[5, 14\] but the run has 10 classes"),
-    (_data_payload(n=19), "reports 20 training samples but uploaded 19"),
+    (_data_payload(n=21), "reports 20 training samples but uploaded 21"),
     (encode_state_dict({"images": torch.zeros(2, 1, 4, 4, dtype=torch.uint8), "secrets": torch.zeros(2)}),
      "training data must hold 'images', 'labels'"),
 ])
@@ -440,11 +453,12 @@ def _kill_when(federation, label: str, text: str, *, within_s: float = 200.0) ->
     return thread
 
 
+@deploy
 @needs_proc
 def test_tls_authenticated_run_goes_on_without_a_dead_edge_and_refuses_strangers(tmp_path):
     """Over TLS with SuperNode authentication: a SuperNode without a registered key is refused; edge-1 dies
     while pre-training; with min_edges = 1 the run finishes with edge-0 and records why edge-1 is missing."""
-    user = _quick_config(name="tls-dead-edge", deploy={"min_edges": 1, "round_timeout_s": 30.0})
+    user = _quick_config(name="tls-dead-edge", deploy={"min_edges": 1, "round_timeout_s": DEAD_EDGE_TIMEOUT_S})
     watchers = []
 
     def disturb(federation) -> None:
@@ -457,7 +471,7 @@ def test_tls_authenticated_run_goes_on_without_a_dead_edge_and_refuses_strangers
     out = Path(results["output_dir"])
     try:
         assert list(results["missing_edges"]) == ["edge-1"]
-        assert results["missing_edges"]["edge-1"].startswith("timeout: no reply to train.pretrain within 30 s")
+        assert re.match(DEAD_EDGE_REASON, results["missing_edges"]["edge-1"]), results["missing_edges"]
         edges = {e["name"]: e for e in results["edges"]}
         assert edges["edge-0"]["accuracy_before"] > 0.5 and edges["edge-0"]["accuracy_after"] > 0.5
         assert edges["edge-1"]["accuracy_before"] is None and edges["edge-1"]["accuracy_after"] is None
@@ -471,20 +485,21 @@ def test_tls_authenticated_run_goes_on_without_a_dead_edge_and_refuses_strangers
         _assert_all_stopped(out)
 
 
+@deploy
 @needs_proc
 def test_a_run_below_min_edges_stops_with_a_clear_error_and_keeps_what_it_has(tmp_path):
-    user = _quick_config(name="quorum", deploy={"round_timeout_s": 30.0})  # min_edges = 0: every edge
+    user = _quick_config(name="quorum", deploy={"round_timeout_s": DEAD_EDGE_TIMEOUT_S})  # min_edges 0: every edge
 
     def disturb(federation) -> None:
         _kill_when(federation, "edge-1", "Receiving: train.pretrain")
 
     out = tmp_path / "run"
     with pytest.raises(DeployError, match=r"the run stopped: EdgeQuorumError: pretrain: only 1 of 2 edges took "
-                                          r"part, but deploy.min_edges requires 2 .*edge-1: timeout"):
+                                          r"part, but deploy.min_edges requires 2 .*edge-1: " + DEAD_EDGE_REASON):
         deploy_local(user, edges=2, output_dir=out, timeout_s=240, on_started=disturb)
     try:
         failure = json.loads((out / "failure.json").read_text())
-        assert failure["missing_edges"]["edge-1"].startswith("timeout")
+        assert re.match(DEAD_EDGE_REASON, failure["missing_edges"]["edge-1"]), failure["missing_edges"]
         # edge-0's pre-training reply (record and weights) is kept, as are the logs of every process.
         record = json.loads((out / "checkpoints" / "pretrain__edge-0.json").read_text())
         assert record["num_samples"] == 2000 and 0.5 < record["accuracy"] <= 1.0
@@ -613,6 +628,7 @@ def test_an_edge_with_its_own_image_folder(tmp_path, task_identity, monkeypatch)
     assert served["bytes"]["uplink"] > served["deploy"]["data_bytes_up"] > 2000 * 784
 
 
+@deploy
 @needs_proc
 def test_simulation_runtime_reproduces_embedded_run(tmp_path):
     pytest.importorskip("ray", reason="Flower's simulation runtime needs Ray (pip install 'flwr[simulation]')")

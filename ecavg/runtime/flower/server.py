@@ -61,7 +61,7 @@ class SkipFinetuneServer(ServerWorker):
     """A server with no data to train on (``share_data = "none"``, no ``server_data``): "fine-tuning" returns
     the averaged weights unchanged, which makes an ECAvg run a one-shot FedAvg."""
 
-    def train(self, weights, data, *, phase, epochs, on_epoch_record=None):  # type: ignore[override]
+    def train(self, weights, data, *, phase, epochs, on_epoch_record=None, loss=None):  # type: ignore[override]
         if weights is None:
             raise DeploymentError(f"the server has no data to train on in phase {phase!r}")
         return {k: v.detach().cpu().clone() for k, v in weights.items()}, []

@@ -1,0 +1,390 @@
+"""Process supervision: a launcher's work directory, and a SuperLink and SuperNodes on this machine.
+
+Nothing a launcher starts may outlive it, however it ends:
+- a normal end, an error or Ctrl-C/SIGTERM: :meth:`LocalFederation.stop` stops every process it started and
+  the helpers Flower started under them (found in the process tree and by the tag in their environment, see
+  ``reaper.py``); :class:`WorkDir` removes the work directory;
+- SIGKILL: the SuperLink and SuperNodes get SIGTERM from the kernel (``PR_SET_PDEATHSIG``), and the watchdog
+  that :class:`WorkDir` starts stops everything tagged with the work directory (Flower's SuperExec, ServerApp
+  and ClientApp processes included, which the kernel signal does not reach) and removes the directory;
+- if the watchdog was killed too, the next ``ecavg deploy`` removes the work directories whose lock nobody holds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ecavg.deploy import reaper
+from ecavg.deploy.flwr_cli import (
+    RunCli,
+    cli_runner,
+    flower_command,
+    offline_env,
+    register_node,
+    toml_string,
+    write_connection,
+)
+from ecavg.errors import DeployError
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+log = logging.getLogger("ecavg")
+
+STOP_GRACE_S = 10.0
+STARTUP_TIMEOUT_S = 60.0
+WORKDIR_KINDS = ("deploy", "sim", "submit")  # work directories are named ecavg-<kind>-<random>
+LOCK_FILE = ".lock"
+# Held back while a process is being started: a Ctrl-C that lands inside subprocess's fork hooks is otherwise
+# reported as "Exception ignored in _releaseLock" and lost, and one landing after the fork leaks the child.
+DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The launcher's work directory (private FLWR_HOME, the app, node configs) and its watchdog
+# ---------------------------------------------------------------------------------------------------
+
+
+def remove_stale_workdirs(root: Path | None = None) -> list[Path]:
+    """Remove the work directories under ``root`` (default: the temp directory) whose launcher and watchdog are
+    both gone (their lock is free), after stopping any process still tagged with one. Returns those removed."""
+    root = Path(root) if root is not None else Path(tempfile.gettempdir())
+    removed = []
+    for kind in WORKDIR_KINDS:
+        for path in sorted(root.glob(f"ecavg-{kind}-*")):
+            try:
+                fd = os.open(path / LOCK_FILE, os.O_RDWR)
+            except OSError:  # not a work directory of this version, another user's, or just removed
+                continue
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:  # its launcher or watchdog is alive
+                    continue
+                reaper.stop_tagged(path, reaper.WATCHDOG_GRACE_S)
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+                log.info("removed %s, left by a deployment launcher that was killed", path)
+            finally:
+                os.close(fd)
+    return removed
+
+
+class WorkDir:
+    """A temporary directory for one launcher (under ``root``, default the temp directory), removed by
+    :meth:`close`, or by the watchdog if the launcher dies.
+
+    The directory is locked (``flock``) by the launcher and its watchdog; it only gets its final name
+    (``ecavg-<kind>-...``) once locked, so :func:`remove_stale_workdirs` never takes a live one for stale.
+    """
+
+    def __init__(self, kind: str, root: Path | None = None) -> None:
+        if kind not in WORKDIR_KINDS:
+            raise ValueError(f"unknown work directory kind {kind!r}")
+        remove_stale_workdirs(root)
+        staging = Path(tempfile.mkdtemp(prefix=".ecavg-new-", dir=root))
+        self.lock_fd = os.open(staging / LOCK_FILE, os.O_CREAT | os.O_RDWR, 0o600)
+        fcntl.flock(self.lock_fd, fcntl.LOCK_EX)
+        self.path = staging.with_name(f"ecavg-{kind}-{staging.name.removeprefix('.ecavg-new-')}")
+        os.rename(staging, self.path)
+        env = {k: v for k, v in os.environ.items() if k != reaper.TAG_VARIABLE}
+        try:
+            # Its own session: a Ctrl-C or a signal to the launcher's process group does not reach it.
+            self.watchdog = subprocess.Popen(
+                [sys.executable, "-I", str(Path(reaper.__file__).resolve()), str(self.path)], env=env,
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                pass_fds=(self.lock_fd,))
+        except BaseException:
+            shutil.rmtree(self.path, ignore_errors=True)
+            os.close(self.lock_fd)
+            raise
+
+    def flower_env(self) -> dict[str, str]:
+        """The environment for the Flower processes of this launcher: offline, tagged with this directory."""
+        env = offline_env(self.path / "flwr-home")
+        env[reaper.TAG_VARIABLE] = str(self.path)
+        return env
+
+    def close(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+        if self.watchdog.stdin is not None:
+            self.watchdog.stdin.close()  # the watchdog checks that nothing is left, and exits
+        try:
+            self.watchdog.wait(timeout=reaper.WATCHDOG_GRACE_S + 5)
+        except subprocess.TimeoutExpired:  # pragma: no cover - it goes on and exits by itself
+            log.warning("the deployment watchdog (pid %d) is still checking %s", self.watchdog.pid, self.path)
+        os.close(self.lock_fd)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Starting processes
+# ---------------------------------------------------------------------------------------------------
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free TCP ports on 127.0.0.1 (bound to port 0 together, then released)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[None]:
+    """Hold back SIGINT and SIGTERM inside the block and deliver them right after it.
+
+    Python runs signal handlers in the main thread between bytecodes, also inside the fork hooks of
+    ``subprocess`` (where an exception is printed and dropped); so the handlers are swapped for one that only
+    records the signal (a signal mask would not do: the kernel hands the signal to another thread, if any).
+    Outside the main thread handlers cannot be swapped, and none run there anyway.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+
+    def record(signum: int, frame: object) -> None:
+        received.append(signum)
+
+    previous = {sig: signal.signal(sig, record) for sig in DEFERRED_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: not set from Python
+        for signum in dict.fromkeys(received):
+            signal.raise_signal(signum)
+
+
+def die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: if the launcher is killed outright (SIGKILL), its child gets SIGTERM instead of lingering."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+# ---------------------------------------------------------------------------------------------------
+# A SuperLink and SuperNodes on this machine
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Tls:
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+
+
+@dataclass
+class LocalFederation:
+    """A SuperLink and SuperNodes on 127.0.0.1; every process it starts is stopped by :meth:`stop`.
+
+    Each process runs in its own session, so its process group id is its pid; stopping sends SIGTERM to
+    that group (the process and the helpers Flower started under it), then SIGKILL after a grace period.
+    Every process carries ``workdir`` as its tag (see ``reaper.py``).
+    """
+
+    workdir: Path
+    logs_dir: Path
+    tls: Tls | None = None
+    node_auth: bool = False
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    port: int = 0
+    env: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.flwr_home = self.workdir / "flwr-home"
+        self.env = {**offline_env(self.flwr_home), reaper.TAG_VARIABLE: str(self.workdir)}
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def flwr(self) -> RunCli:
+        """Runs the ``flwr`` CLI against this federation's private FLWR_HOME."""
+        return cli_runner(self.env, self.workdir)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def spawn(self, label: str, command: list[str]) -> subprocess.Popen:
+        """Start ``command`` in a session of its own, logging to ``<label>.log``, and record it."""
+        if label in self.processes and self.processes[label].poll() is None:
+            raise DeployError(f"{label} is already running (pid {self.processes[label].pid})")
+        log_path = self.logs_dir / f"{label}.log"
+        # A Ctrl-C meanwhile is delivered once the child is recorded, so that stop() finds it.
+        with deferred_signals():
+            with log_path.open("ab") as log_file:
+                process = subprocess.Popen(
+                    command, env=self.env, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    preexec_fn=die_with_parent,  # noqa: PLW1509 - PR_SET_PDEATHSIG is set in the child itself
+                )
+            self.processes[label] = process
+        self._write_pids()
+        log.debug("started %s (pid %d): %s", label, process.pid, " ".join(command))
+        return process
+
+    def _write_pids(self, helpers: list[int] | None = None) -> None:
+        # For the record (and for a manual clean-up if this launcher itself was killed with SIGKILL).
+        pids: dict[str, Any] = {label: p.pid for label, p in self.processes.items()}
+        if helpers is not None:
+            pids["helpers"] = helpers
+        (self.logs_dir / "pids.json").write_text(json.dumps(pids, indent=1) + "\n")
+
+    def start_superlink(self, *, simulation: bool = False) -> None:
+        """Start the SuperLink; with ``simulation``, it runs the edges itself in Flower's simulation runtime
+        (Ray) instead of waiting for SuperNodes."""
+        self.port = free_ports(1)[0]
+        command = [*flower_command("flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port)]
+        if simulation:
+            command.append("--simulation")
+        if self.tls is None:
+            command.append("--insecure")
+        else:
+            command += ["--ssl-ca-certfile", str(self.tls.ca_cert), "--ssl-certfile", str(self.tls.server_cert),
+                        "--ssl-keyfile", str(self.tls.server_key)]
+        if self.node_auth:
+            command.append("--enable-supernode-auth")
+        write_connection(self.flwr_home, self.address, root_certificates=self.tls.ca_cert if self.tls else None)
+        process = self.spawn("superlink", command)
+        self._wait_healthy(process)
+
+    def _wait_healthy(self, process: subprocess.Popen) -> None:
+        scheme = "https" if self.tls else "http"
+        context = ssl.create_default_context(cafile=str(self.tls.ca_cert)) if self.tls else None
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise DeployError(f"the SuperLink exited with code {process.returncode} while starting; "
+                                  f"see {self.logs_dir / 'superlink.log'}")
+            try:
+                with urllib.request.urlopen(f"{scheme}://127.0.0.1:{self.port}/health", timeout=2,
+                                            context=context) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.3)
+        raise DeployError(f"the SuperLink did not answer on {self.address} within {STARTUP_TIMEOUT_S:g} s; "
+                          f"see {self.logs_dir / 'superlink.log'}")
+
+    def start_supernode(self, label: str, node_config: Mapping[str, Any], *, private_key: Path | None = None,
+                        ) -> subprocess.Popen:
+        """A SuperNode (one edge) with ``node_config`` (e.g. partition-id, data-dir), logging to ``<label>.log``."""
+        if not self.port:
+            raise DeployError("start the SuperLink first")
+        config_path = self.workdir / f"{label}.node.toml"
+        lines = []
+        for key, value in node_config.items():
+            if isinstance(value, bool):
+                lines.append(f"{key} = {'true' if value else 'false'}")
+            elif isinstance(value, (int, float)):
+                lines.append(f"{key} = {value!r}")
+            else:
+                lines.append(f"{key} = {toml_string(str(value))}")
+        config_path.write_text("\n".join(lines) + "\n")
+        runtime_port = free_ports(1)[0]
+        command = [*flower_command("flower-supernode"), "--superlink", self.address, "--host", "127.0.0.1",
+                   "--port", str(runtime_port), "--node-config", str(config_path)]
+        command += ["--insecure"] if self.tls is None else ["--root-certificates", str(self.tls.ca_cert)]
+        if private_key is not None:
+            command += ["--auth-supernode-private-key", str(private_key)]
+        return self.spawn(label, command)
+
+    def register_node(self, public_key: Path) -> None:
+        """Register a SuperNode's public key with the SuperLink (needed when node authentication is on)."""
+        register_node(self.flwr, public_key)
+
+    def kill(self, label: str, sig: int = signal.SIGKILL) -> None:
+        """Signal one process group now (used to simulate a dying edge)."""
+        process = self.processes[label]
+        if process.poll() is None:
+            try:
+                os.killpg(process.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def alive(self, label: str) -> bool:
+        return label in self.processes and self.processes[label].poll() is None
+
+    def stop(self) -> None:
+        """Stop every process this federation started: SuperNodes first, then the SuperLink.
+
+        Flower starts helpers under them (SuperExec, the ServerApp and ClientApp processes), some in
+        sessions of their own; they are found (before anything is signalled, while the process tree is
+        intact, and by their tag) and stopped by pid as well, and recorded in ``logs/pids.json``.
+        """
+        order = [label for label in self.processes if label != "superlink"] + \
+                (["superlink"] if "superlink" in self.processes else [])
+        roots = {p.pid for p in self.processes.values()}
+        helpers = sorted((reaper.descendants(roots) | reaper.tagged_processes(self.workdir)) - roots)
+        self._write_pids(helpers)
+        for label in order:
+            self._signal_group(self.processes[label], signal.SIGTERM)
+        reaper.signal_pids(helpers, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        for label in order:
+            process = self.processes[label]
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s (pid %d) did not stop within %g s; killing it", label, process.pid, STOP_GRACE_S)
+            # The group may hold helpers that outlive their parent: make sure none is left.
+            self._signal_group(process, signal.SIGKILL)
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:  # pragma: no cover - a process that ignores SIGKILL
+                log.error("%s (pid %d) could not be stopped", label, process.pid)
+        while reaper.signal_pids(helpers, 0) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        reaper.signal_pids(helpers, signal.SIGKILL)
+
+    @staticmethod
+    def _signal_group(process: subprocess.Popen, sig: int) -> None:
+        try:
+            os.killpg(process.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
