@@ -92,9 +92,9 @@ def plain_ecavg(config: Mapping[str, Any] = BASELINE_CONFIG, *, data_dir: Path =
     from torch.utils.data import Subset
     from torchvision import transforms as T
 
-    from ecavg.models import build_model, uses_channels_last
     from bench.plain import extract_imagefolder
     from bench.proposals import use_plain_convs
+    from ecavg.models import build_model, uses_channels_last
 
     cfg = config
     seed = cfg["seed"]
@@ -195,9 +195,8 @@ def ours_ecavg(config: Mapping[str, Any], *, data_dir: Path = DEFAULT_DATA_DIR) 
 def small_map_convs(enabled: bool):
     """Within the block, every model ModelFactory builds uses SmallMapConv2d (as ecavg now ships) or, when not
     ``enabled``, plain nn.Conv2d (as before it shipped), so that both can be timed in one process."""
-    from ecavg.core.participants import ModelFactory
-
     from bench.proposals import use_plain_convs, use_small_map_convs
+    from ecavg.core.participants import ModelFactory
 
     shipped = ModelFactory.build
 

@@ -23,8 +23,16 @@ if __package__ in (None, ""):
     # Run as a script (`python bench/run.py`): make the repository root importable for `bench` and `ecavg`.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (DEFAULT_CACHE_DIR, DEFAULT_DATA_DIR, LATEST, RESULTS_DIR, load_average, machine_info,
-                          now_iso, write_results)
+from bench.common import (
+    DEFAULT_CACHE_DIR,
+    DEFAULT_DATA_DIR,
+    LATEST,
+    RESULTS_DIR,
+    load_average,
+    machine_info,
+    now_iso,
+    write_results,
+)
 
 SECTIONS = ("training", "aggregation", "transfer", "experiments", "e2e")
 DEFAULT_SECTIONS = ("training", "aggregation", "transfer")

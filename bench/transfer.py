@@ -110,10 +110,8 @@ def serialization_speed(model: str = "resnet50", classes: int = 100, repeats: in
     from safetensors.torch import load as st_load
     from safetensors.torch import save as st_save
 
-    from ecavg.core.serialization import (decode_state_dict, encode_state_dict, load_state_dict,
-                                          save_state_dict)
-
     from bench.proposals import encode_direct
+    from ecavg.core.serialization import decode_state_dict, encode_state_dict, load_state_dict, save_state_dict
 
     state = model_state(model, classes, 3, 32)
     payload = encode_state_dict(state)

@@ -12,7 +12,8 @@ import math
 import pytest
 import torch
 
-from bench import aggregation, codecs, common, run as bench_run, transfer
+from bench import aggregation, codecs, common, transfer
+from bench import run as bench_run
 
 
 def test_perturbed_stream_yields_offsets_and_restores_base():

@@ -4,8 +4,8 @@ import pytest
 
 from ecavg.config import (
     ConfigError,
-    defaults,
     apply_overrides,
+    defaults,
     load_toml,
     model_options,
     resolve_config,

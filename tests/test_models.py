@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import pytest
-
-from ecavg.config.checks import int_at_least
-from ecavg.registry import Key
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from ecavg.config.checks import int_at_least
 from ecavg.models import (
     MODEL_NAME_ATTRIBUTE,
     MODELS,
@@ -23,6 +21,7 @@ from ecavg.models import (
     load_pretrained,
     uses_channels_last,
 )
+from ecavg.registry import Key
 
 MNIST_SHAPE = (1, 28, 28)
 CIFAR_SHAPE = (3, 32, 32)

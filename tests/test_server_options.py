@@ -55,7 +55,7 @@ def test_distillation_reports_its_teacher_and_trains_with_the_kl_term(tmp_path, 
     results = run_experiment(quick(server={"objective": "distill", "temperature": 2.0}), output_dir=tmp_path / "d")
     ensemble = results["server"]["accuracy_ensemble"]
     assert 0.5 < ensemble <= 1.0
-    assert losses and losses[-1] is not None and getattr(losses[-1], "__self__").name == "distill"
+    assert losses and losses[-1] is not None and losses[-1].__self__.name == "distill"
     logits, targets = torch.randn(4, 10), torch.tensor([0, 1, 2, 3])
     objective = losses[-1].__self__
     # With distill_weight = 0 the loss is plain cross-entropy; with 1 it is the KL term alone (0 for a perfect copy).

@@ -34,8 +34,8 @@ def test_small_map_conv_matches_conv2d_in_values_gradients_and_layout(c_in, c_ou
 
 
 def test_build_model_uses_small_map_convs_with_unchanged_state_dict():
-    from ecavg.models.small_map import SmallMapConv2d, use_small_map_convs
     from ecavg.models import build_model
+    from ecavg.models.small_map import SmallMapConv2d, use_small_map_convs
 
     torch.manual_seed(0)
     model = build_model("resnet18", num_classes=10, in_channels=3, image_size=32).eval()
