@@ -12,6 +12,7 @@ from typing import Any, Mapping
 from ecavg.config import resolve_config
 from ecavg.runtime.embedded import EmbeddedEdgePool
 from ecavg.runtime.setup import RunDirectory, build_participants, default_output_dir, execute, prepare_compute
+from ecavg.tracking import require_backend
 
 log = logging.getLogger("ecavg")
 
@@ -36,6 +37,7 @@ def run_experiment(
     else:
         cfg = resolve_config(config)
         run_dir = RunDirectory.for_new_run(output_dir if output_dir is not None else default_output_dir(cfg))
+    require_backend(cfg)
     device, splits, load_s = prepare_compute(cfg, data_dir)
     participants = build_participants(cfg, splits, device)
     participants.server.new_model()  # a model that cannot be built fails here, before anything is written

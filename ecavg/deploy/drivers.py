@@ -39,6 +39,7 @@ from ecavg.deploy.flwr_cli import (
 from ecavg.deploy.processes import LocalFederation, Tls, WorkDir
 from ecavg.errors import ConfigError, DeployError
 from ecavg.runtime.setup import FAILURE_FILE, RUN_CONFIG, default_output_dir
+from ecavg.tracking import require_backend
 
 log = logging.getLogger("ecavg")
 
@@ -206,6 +207,7 @@ def prepare_config(user: Mapping[str, Any], *, edges: int | None) -> tuple[dict[
         rest.setdefault("data", {})
         rest["data"] = {**rest["data"], "num_edges": edges}
     cfg = resolve_config(rest)
+    require_backend(cfg)  # the ServerApp tracks the run; fail here, before any process starts
     settings = deploy_settings(cfg["deploy"], num_edges=cfg["data"]["num_edges"])
     check_data_policy(cfg, settings)
     return cfg, settings.to_dict()

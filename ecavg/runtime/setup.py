@@ -39,6 +39,7 @@ from ecavg.data import (
 )
 from ecavg.errors import ConfigError
 from ecavg.report import build_results, write_outputs
+from ecavg.tracking import make_tracker
 
 log = logging.getLogger("ecavg")
 
@@ -166,9 +167,11 @@ class RunDirectory:
     behind and the corrected command is not refused.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, resumed: bool = False):
         self.path = Path(path)
+        self.resumed = resumed
         self._store: PhaseStore | None = None
+        self._followers: list[Callable[[Mapping[str, Any]], None]] = []
 
     @classmethod
     def for_new_run(cls, path: str | Path, *, may_hold: frozenset[str] = frozenset()) -> RunDirectory:
@@ -204,7 +207,7 @@ class RunDirectory:
                               f"({type(error).__name__}: {error})") from None
         if data_dir is not None and not isinstance(data_dir, str):
             raise ConfigError(f"cannot resume {path}: its {RUN_CONFIG} has a data_dir that is not a string")
-        return cls(path), cfg, data_dir
+        return cls(path, resumed=True), cfg, data_dir
 
     def start(self, cfg: Mapping[str, Any], data_dir: str | None) -> None:
         try:
@@ -238,9 +241,20 @@ class RunDirectory:
         write_text_atomic(path, "".join(kept))
 
     def emit(self, record: Mapping[str, Any]) -> None:
-        """One metrics.jsonl line (a participant's epoch or phase figures)."""
+        """One metrics.jsonl line (a participant's epoch or phase figures), then passed to each follower."""
         with (self.path / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
+        for follower in self._followers:
+            follower(record)
+
+    def follow(self, follower: Callable[[Mapping[str, Any]], None]) -> None:
+        """``follower(record)`` is called with every record emitted from now on (a live tracker)."""
+        self._followers.append(follower)
+
+    def records(self) -> list[dict[str, Any]]:
+        """The records metrics.jsonl holds (a resumed run's finished phases, after ``prune_metrics``)."""
+        path = self.path / "metrics.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
     def write_failure(self, error: BaseException, **details: Any) -> None:
         write_text_atomic(self.path / FAILURE_FILE, json.dumps({
@@ -261,20 +275,30 @@ def execute(cfg: dict[str, Any], pool: EdgePool, server: ServerWorker, run_dir: 
             extra_results: Callable[[], dict[str, Any]] = dict) -> dict[str, Any]:
     """Run the configured strategy against ``pool`` and write the run's outputs; returns the results dict.
 
-    A failure writes ``failure.json`` (what happened, plus ``failure_details()``) and is raised again.
+    A failure writes ``failure.json`` (what happened, plus ``failure_details()``) and is raised again. The
+    configured tracker (``tracking.backend``) follows every record ``run_dir`` emits; a resumed run's finished
+    phases are replayed to it first.
     """
+    tracker = make_tracker(cfg)
+    tracker.start(cfg, run_dir.path, resumed=run_dir.resumed)
+    for record in run_dir.records():
+        tracker.log(record)
+    run_dir.follow(tracker.log)
     ctx = RunContext(cfg=cfg, pool=pool, server=server, store=run_dir.store, emit=run_dir.emit)
     try:
         outcome = run_strategy(ctx)
     except KeyboardInterrupt:
+        tracker.fail("KILLED")
         raise
     except Exception as error:
         run_dir.write_failure(error, **failure_details())
+        tracker.fail("FAILED")
         log.error("run failed: %s", error)
         raise
     results = build_results(cfg, outcome, runtime=runtime, device=str(device), data_load_s=load_s,
                             **extra_results())
     write_outputs(run_dir.path, results, outcome)
+    tracker.finish(results)
     (run_dir.path / FAILURE_FILE).unlink(missing_ok=True)
     results["output_dir"] = str(run_dir.path)
     return results

@@ -42,6 +42,7 @@ from ecavg.data import ImageDataset, load_dataset
 from ecavg.errors import DeploymentError, EdgeQuorumError
 from ecavg.runtime.flower import wire
 from ecavg.runtime.setup import RunDirectory, build_participants, execute, prepare_compute
+from ecavg.tracking import require_backend
 
 log = logging.getLogger("ecavg")
 
@@ -350,6 +351,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], *, log_to_output: bool
     ``ecavg-deploy``, ``output-dir``, ``data-dir``).
     """
     cfg = resolve_config(json.loads(str(run_config["ecavg-config"])))
+    require_backend(cfg)  # the server tracks a deployed run; the edges need no tracking package
     settings = deploy_settings(json.loads(str(run_config.get("ecavg-deploy", "{}"))),
                                num_edges=cfg["data"]["num_edges"])
     note = check_data_policy(cfg, settings)
