@@ -603,6 +603,29 @@ def test_share_data_none_without_server_data_is_a_one_shot_fedavg(tmp_path, task
     assert all(e["accuracy_after"] is not None for e in served["edges"])
 
 
+def test_the_server_tracks_a_deployed_run(tmp_path, task_identity):
+    pytest.importorskip("tensorboard", reason="tracking needs the tracking extra (pip install 'ecavg[tracking]')")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    served = _serve_in_process(tmp_path, _quick_config(tracking={"backend": "tensorboard"}))
+    out = Path(served["output_dir"])
+    acc = EventAccumulator(str(out / "tracking"), size_guidance={"scalars": 0})
+    acc.Reload()
+    expected: dict[str, list[tuple[int, float]]] = {}
+    for record in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()):
+        for field in ("train_loss", "test_accuracy"):
+            if field in record:
+                tag = f"{record['participant']}/{record['phase']}/{field}"
+                expected.setdefault(tag, []).append((record.get("epoch", 0), record[field]))
+    assert "edge-1/pretrain/train_loss" in expected and "edge-0/update/test_accuracy" in expected
+    for tag, values in expected.items():
+        events = acc.Scalars(tag)
+        assert [e.step for e in events] == [s for s, _ in values], tag
+        assert [e.value for e in events] == pytest.approx([v for _, v in values], rel=1e-6), tag
+    [final] = acc.Scalars("results/server/accuracy_finetuned")
+    assert final.value == pytest.approx(served["server"]["accuracy_finetuned"], rel=1e-6)
+
+
 def test_an_edge_with_its_own_image_folder(tmp_path, task_identity, monkeypatch):
     from PIL import Image
 

@@ -143,7 +143,8 @@ def test_tensorboard_holds_metrics_jsonl_hparams_and_results(tmp_path, monkeypat
 
     def logged_live():
         acc = read()
-        assert same_float32(acc.Scalars("server/finetune/train_loss"), expected_scalars(out)["server/finetune/train_loss"])
+        tag = "server/finetune/train_loss"
+        assert same_float32(acc.Scalars(tag), expected_scalars(out)[tag])
 
     results = run_interrupted_then_resumed(tiny(backend="tensorboard"), out, monkeypatch, logged_live)
     acc = read()
