@@ -20,6 +20,7 @@ from ecavg.core.checkpoint import write_text_atomic
 from ecavg.experiment import run_experiment
 from ecavg.formatting import mean_std, percent
 from ecavg.runtime.setup import RUN_CONFIG
+from ecavg.tracking import require_backend
 
 log = logging.getLogger("ecavg")
 
@@ -105,7 +106,7 @@ def run_sweep(
     configs = []
     for assignment in points:
         user = apply_overrides(base, [f"{k}={v}" for k, v in assignment])
-        resolve_config(user)
+        require_backend(resolve_config(user))
         configs.append(user)
     rows = []
     for i, (assignment, user) in enumerate(zip(points, configs), 1):
