@@ -55,6 +55,7 @@ class Tally:
             "timing_s": {**{k: round(v, 3) for k, v in self.timing.items()},
                          "total": round(time.perf_counter() - self._started, 3)},
             "bytes": self.bytes,
+            "transfer": {"codec": self.ctx.cfg["transfer"]["codec"], "delta": self.ctx.cfg["transfer"]["delta"]},
         }
 
 
@@ -125,6 +126,8 @@ def train_edges(ctx: RunContext, tally: Tally, phase: str, weights: StateDict | 
             keep[name] = w
         if restore_own and w is not None:  # (a checkpoint's weights are written before its record)
             ctx.pool.restore_own_weights(name, w)
+        if w is not None:  # the base of the edge's next download when the run sends deltas ([transfer])
+            ctx.pool.restore_upload(name, w)
     if missing:
         start = time.perf_counter()
         for reply in ctx.pool.fit(weights, phase=phase, epochs=epochs, only=missing):
