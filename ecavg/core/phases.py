@@ -19,6 +19,7 @@ from ecavg.core.objectives import ServerObjective
 from ecavg.core.participants import ServerWorker, derive_seed
 from ecavg.core.pool import EdgePool
 from ecavg.core.records import KEPT_AT_EDGE, SAME_AS_SERVER, StateDict
+from ecavg.core.transfer import Transfer
 from ecavg.data import ImageDataset
 
 
@@ -55,7 +56,7 @@ class Tally:
             "timing_s": {**{k: round(v, 3) for k, v in self.timing.items()},
                          "total": round(time.perf_counter() - self._started, 3)},
             "bytes": self.bytes,
-            "transfer": {"codec": self.ctx.cfg["transfer"]["codec"], "delta": self.ctx.cfg["transfer"]["delta"]},
+            "transfer": Transfer.from_config(self.ctx.cfg).to_dict(),
         }
 
 

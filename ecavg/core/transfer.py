@@ -121,10 +121,9 @@ class Download:
             self._payloads[key] = self.transfer.encode(self.weights, base=self.base(name))
         return self._payloads[key]
 
-    def received(self, name: str, *, max_bytes: int | None = None) -> StateDict:
+    def received(self, name: str) -> StateDict:
         """What edge ``name`` decodes from its payload (bit for bit: same bytes, same base, same code)."""
-        return self.transfer.decode(self.payload(name), reference=self.weights, base=self.base(name),
-                                    max_bytes=max_bytes, name=name)
+        return self.transfer.decode(self.payload(name), reference=self.weights, base=self.base(name), name=name)
 
 
 def check_transfer_config(cfg: Mapping[str, Any], strategy: Any) -> None:
