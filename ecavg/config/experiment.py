@@ -237,9 +237,11 @@ def _check_consistency(cfg: dict[str, Any]) -> None:
                               "on it; use a fraction > 0")
     if not cfg["model"].get("name"):
         raise ConfigError("model.name must name a model")
-    from ecavg.core.update import check_update_config  # imports torch, as schema() does
+    from ecavg.core.transfer import check_transfer_config  # imports torch, as schema() does
+    from ecavg.core.update import check_update_config
 
     check_update_config(cfg, strategy_of(cfg))
+    check_transfer_config(cfg, strategy_of(cfg))
 
 
 def resolve_config(user: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -18,6 +18,10 @@ Encodings per tensor:
 With ``delta=True`` the compressed tensors are sent as ``weights - base``, where ``base`` is a state dict both
 sides already hold, and the decoder adds ``base`` back; quantisation error then scales with the change, not with
 the weights. Decoded tensors always have the reference's dtype.
+
+The codecs are registered in ``TRANSFER_CODECS`` (config key ``transfer.codec``, with ``transfer.delta``), so config
+validation and ``ecavg options`` list them; ``codec(name, delta=...)`` builds one. ``ecavg.core.transfer`` decides
+which codec and base each transfer of a run uses.
 """
 
 from __future__ import annotations
@@ -28,10 +32,12 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor
 
+from ecavg.config.checks import boolean
 from ecavg.core.serialization import decode_metadata, decode_state_dict, encode_state_dict
 from ecavg.errors import ConfigError, WeightsError
+from ecavg.registry import Key, Option, Registry
 
-__all__ = ["CODECS", "Codec", "codec", "transfer_roundtrip"]
+__all__ = ["CODECS", "TRANSFER_CODECS", "Codec", "codec", "transfer_roundtrip"]
 
 StateDict = dict[str, Tensor]
 
@@ -77,11 +83,17 @@ def _channel_view(scale: Tensor, dims: int) -> Tensor:
     return scale.reshape((-1,) + (1,) * (dims - 1))
 
 
-class Codec:
-    """Base class: subclasses set ``name`` and ``wire_dtype`` (the dtype compressed tensors travel in)."""
+DELTA = Key(False, boolean, "send the difference from weights both sides already hold (not with fp32)")
+
+
+class Codec(Option):
+    """Base class: subclasses set ``name``, ``summary`` and ``wire_dtype`` (the dtype compressed tensors travel in).
+
+    Unlike other options a codec is built from its delta flag, not from the whole config (``codec()``)."""
 
     name: str = ""
     wire_dtype: torch.dtype = torch.float32
+    keys = {"transfer.delta": DELTA}
 
     def __init__(self, *, delta: bool = False) -> None:
         if not isinstance(delta, bool):
@@ -283,34 +295,47 @@ class Codec:
         """Codec-specific checks of the wire tensors after the generic ones (none unless overridden)."""
 
 
+TRANSFER_CODECS: Registry[Codec] = Registry("transfer.codec", "fp32", what="transfer codec")
+
+
+@TRANSFER_CODECS.register
 class Fp32Codec(Codec):
     """float32 as today: exact for float32 models (with delta, exact up to float32 rounding of the difference)."""
 
     name = "fp32"
+    summary = "float32, exact (the default; a run sends the same payloads as before [transfer] existed)"
     wire_dtype = torch.float32
+    keys = {}  # a float32 delta saves nothing: transfer.delta is refused with fp32
 
     def compress(self, key: str, value: Tensor) -> StateDict:
         return {key: value.contiguous()}
 
 
+@TRANSFER_CODECS.register
 class Fp16Codec(Codec):
     """float16: half the bytes, relative error <= 2^-11 in float16's normal range (|x| >= 2^-14, <= 65504)."""
 
     name = "fp16"
+    summary = "weight matrices and filters in float16: half the bytes, relative error <= 2^-11"
     wire_dtype = torch.float16
 
 
+@TRANSFER_CODECS.register
 class Bf16Codec(Codec):
     """bfloat16: half the bytes, float32's range, relative error <= 2^-8."""
 
     name = "bf16"
+    summary = "weight matrices and filters in bfloat16: half the bytes, float32's range, relative error <= 2^-8"
     wire_dtype = torch.bfloat16
 
 
+@TRANSFER_CODECS.register
 class Int8Codec(Codec):
     """int8, symmetric, one float32 scale per slice along dim 0: about a quarter of the bytes, error <= scale/2."""
 
     name = "int8"
+    summary = ("weight matrices and filters in int8 with a float32 scale per output channel: about a quarter of "
+               "the bytes, error <= half a step")
     wire_dtype = torch.int8
 
     def compress(self, key: str, value: Tensor) -> StateDict:
@@ -346,16 +371,14 @@ class Int8Codec(Codec):
             )
 
 
-_CODEC_CLASSES: dict[str, type[Codec]] = {cls.name: cls for cls in (Fp32Codec, Fp16Codec, Bf16Codec, Int8Codec)}
-CODECS: tuple[str, ...] = tuple(_CODEC_CLASSES)
+CODECS: tuple[str, ...] = TRANSFER_CODECS.names()
 
 
 def codec(name: str, *, delta: bool = False) -> Codec:
     """The codec called ``name`` (one of :data:`CODECS`), sending deltas from a shared base when ``delta``."""
-    cls = _CODEC_CLASSES.get(name) if isinstance(name, str) else None
-    if cls is None:
-        raise ConfigError(f"unknown transfer codec {name!r}; choose one of {', '.join(CODECS)}")
-    return cls(delta=delta)
+    if not isinstance(name, str) or name not in TRANSFER_CODECS.names():
+        raise ConfigError(f"unknown transfer codec {name!r}; choose one of {', '.join(TRANSFER_CODECS.names())}")
+    return TRANSFER_CODECS.get(name)(delta=delta)
 
 
 def transfer_roundtrip(

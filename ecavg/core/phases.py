@@ -19,6 +19,7 @@ from ecavg.core.objectives import ServerObjective
 from ecavg.core.participants import ServerWorker, derive_seed
 from ecavg.core.pool import EdgePool
 from ecavg.core.records import KEPT_AT_EDGE, SAME_AS_SERVER, StateDict
+from ecavg.core.transfer import Transfer
 from ecavg.data import ImageDataset
 
 
@@ -55,6 +56,7 @@ class Tally:
             "timing_s": {**{k: round(v, 3) for k, v in self.timing.items()},
                          "total": round(time.perf_counter() - self._started, 3)},
             "bytes": self.bytes,
+            "transfer": Transfer.from_config(self.ctx.cfg).to_dict(),
         }
 
 
@@ -125,6 +127,8 @@ def train_edges(ctx: RunContext, tally: Tally, phase: str, weights: StateDict | 
             keep[name] = w
         if restore_own and w is not None:  # (a checkpoint's weights are written before its record)
             ctx.pool.restore_own_weights(name, w)
+        if w is not None:  # the base of the edge's next download when the run sends deltas ([transfer])
+            ctx.pool.restore_upload(name, w)
     if missing:
         start = time.perf_counter()
         for reply in ctx.pool.fit(weights, phase=phase, epochs=epochs, only=missing):

@@ -37,6 +37,11 @@ class EdgePool(ABC):
         run's checkpoints (``--resume``) and the update mode keeps or compares the edge's own model."""
 
     @abstractmethod
+    def restore_upload(self, name: str, weights: Mapping[str, torch.Tensor]) -> None:
+        """Edge ``name``'s upload of a phase reloaded from the run's checkpoints (``--resume``), as the server had
+        decoded it: with ``transfer.delta``, the base of the edge's next download when the edge holds it too."""
+
+    @abstractmethod
     def training_data(self) -> ImageDataset:
         """The union of the edges' training data, for the server (warm-up, fine-tuning, BN recalibration)."""
 

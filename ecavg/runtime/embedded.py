@@ -1,7 +1,8 @@
 """The embedded runtime: every edge simulated in this process, one after another.
 
-Weights still cross a serialisation boundary (safetensors bytes, as on the wire) so that the byte counts are
-real and the same validation runs as in a deployment.
+Weights still cross a serialisation boundary (safetensors bytes, as on the wire, under the run's ``[transfer]``
+codec and bases, ``ecavg.core.transfer``) so that the byte counts are real, every edge and the server hold exactly
+what they would hold in a deployment, and the same validation runs.
 """
 
 from __future__ import annotations
@@ -14,14 +15,16 @@ import torch
 from ecavg.core.participants import EdgeWorker
 from ecavg.core.pool import EdgePool
 from ecavg.core.records import EdgeEvaluation, EdgeReply
-from ecavg.core.serialization import decode_state_dict, encode_state_dict
+from ecavg.core.transfer import EdgeLinks, Transfer
 from ecavg.data import ImageDataset
 
 
 class EmbeddedEdgePool(EdgePool):
-    def __init__(self, edges: list[EdgeWorker], union: ImageDataset):
+    def __init__(self, edges: list[EdgeWorker], union: ImageDataset, transfer: Transfer | None = None):
         self._edges = {e.name: e for e in edges}
         self._union = union
+        # One copy of each edge's last upload stands for both ends of its link (the same decoded tensors).
+        self._links = EdgeLinks(transfer)
 
     @property
     def names(self) -> list[str]:
@@ -37,23 +40,32 @@ class EmbeddedEdgePool(EdgePool):
 
     def fit(self, weights: Mapping[str, torch.Tensor] | None, *, phase: str, epochs: int,
             only: list[str] | None = None) -> Iterator[EdgeReply]:
-        payload = encode_state_dict(weights) if weights is not None else None
+        transfer = self._links.transfer
+        download = self._links.download(weights) if weights is not None else None
         for edge in self._select(only):
-            received = decode_state_dict(payload, name=edge.name) if payload is not None else None
+            received, bytes_down = None, 0
+            if download is not None:
+                received, bytes_down = download.received(edge.name), len(download.payload(edge.name))
             reply = edge.fit(received, phase=phase, epochs=epochs)
-            uploaded = encode_state_dict(reply.weights)
-            yield dataclasses.replace(
-                reply, weights=decode_state_dict(uploaded, name=edge.name, reference=received),
-                bytes_up=len(uploaded), bytes_down=len(payload) if payload is not None else 0)
+            base = transfer.upload_base(received)
+            uploaded = transfer.encode(reply.weights, base=base)
+            # Without a download (shared_init = false) the in-process edge's own reply gives the expected shapes.
+            decoded = transfer.decode(uploaded, reference=received if received is not None else reply.weights,
+                                      base=base, name=edge.name)
+            self._links.remember_upload(edge.name, decoded)
+            yield dataclasses.replace(reply, weights=decoded, bytes_up=len(uploaded), bytes_down=bytes_down)
 
     def evaluate(self, weights: Mapping[str, torch.Tensor], *, phase: str) -> Iterator[EdgeEvaluation]:
-        payload = encode_state_dict(weights)
+        download = self._links.download(weights)
         for edge in self._edges.values():
-            evaluation = edge.update(decode_state_dict(payload, name=edge.name))
-            yield dataclasses.replace(evaluation, bytes_down=len(payload))
+            evaluation = edge.update(download.received(edge.name))
+            yield dataclasses.replace(evaluation, bytes_down=len(download.payload(edge.name)))
 
     def restore_own_weights(self, name: str, weights: Mapping[str, torch.Tensor]) -> None:
         self._select([name])[0].pretrained_weights = dict(weights)
+
+    def restore_upload(self, name: str, weights: Mapping[str, torch.Tensor]) -> None:
+        self._links.remember_upload(name, dict(weights))
 
     def training_data(self) -> ImageDataset:
         return self._union

@@ -13,7 +13,8 @@ Each SuperNode is one edge. Its node config says where the edge's data is:
 Flower starts a fresh ClientApp process per message; the edge's data is loaded again each time (from the
 decoded-tensor cache, so this is quick), and its state lives in the messages and in Flower's ``context.state``
 (persisted per node and run), not in the process: an update mode that keeps or compares the edge's own
-pre-trained model (``update.mode``) finds it there, stored by the pre-training message.
+pre-trained model (``update.mode``) finds it there, stored by the pre-training message, and so does a download
+sent as a delta from the edge's last upload (``transfer.delta``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import dataclasses
 import json
 import logging
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,8 +33,10 @@ from flwr.clientapp import ClientApp
 from ecavg.config import model_options, resolve_config
 from ecavg.config.deploy import deploy_settings
 from ecavg.core.participants import EdgeWorker, ModelFactory, resolve_device
+from ecavg.core.records import StateDict
 from ecavg.core.serialization import decode_state_dict, encode_state_dict
 from ecavg.core.training import TrainingSettings
+from ecavg.core.transfer import Transfer
 from ecavg.core.update import make_update_mode, validation_split
 from ecavg.data import load_dataset
 from ecavg.errors import EdgeSetupError
@@ -53,6 +56,14 @@ class LocalEdge:
     index: torch.Tensor | None  # positions of the edge's training samples in the run's training set
     max_bytes: int
     server_share: torch.Tensor  # positions in the edge's training set of the samples it uploads
+    transfer: Transfer  # the run's [transfer] codec
+    _reference: StateDict | None = field(default=None, repr=False)
+
+    def reference(self) -> StateDict:
+        """The model's state dict (keys, shapes, dtypes) that a compressed download is decoded against."""
+        if self._reference is None:
+            self._reference = {k: v.detach().cpu() for k, v in self.worker.new_model().state_dict().items()}
+        return self._reference
 
 
 _edges: dict[tuple[int, int], LocalEdge] = {}
@@ -130,7 +141,7 @@ def build_local_edge(run_config: dict[str, Any], node_config: dict[str, Any], sp
     # The server sends the shared start; a pretrained file on the server need not exist on edge hosts.
     worker.factory = dataclasses.replace(worker.factory, pretrained="")
     share = server_share(worker.train_data, cfg["server_data_fraction"], cfg["seed"], worker.name)
-    return LocalEdge(worker, mode, index, settings.max_message_bytes, share)
+    return LocalEdge(worker, mode, index, settings.max_message_bytes, share, Transfer.from_config(cfg))
 
 
 def _local_edge(message: Message, context: Context) -> LocalEdge:
@@ -144,11 +155,27 @@ def _local_edge(message: Message, context: Context) -> LocalEdge:
     return _edges[key]
 
 
-def _received_weights(message: Message, edge: LocalEdge) -> dict[str, torch.Tensor] | None:
+def _last_upload(context: Context, edge: LocalEdge) -> StateDict:
+    """The edge's last upload as the server decoded it (kept in the node's state by the upload's message)."""
+    if wire.LAST_UPLOAD not in context.state:
+        raise EdgeSetupError(f"{edge.worker.name}: the server sent a delta from this edge's last upload, but the node "
+                             "holds none (was its state lost since it last uploaded?)")
+    payload = wire.payload_bytes(context.state, wire.LAST_UPLOAD, source=f"{edge.worker.name}'s state",
+                                 max_bytes=None)
+    return decode_state_dict(payload, name=f"{edge.worker.name}'s last upload")
+
+
+def _received_weights(message: Message, context: Context, edge: LocalEdge) -> dict[str, torch.Tensor] | None:
     if wire.WEIGHTS not in message.content:
         return None
     payload = wire.payload_bytes(message.content, wire.WEIGHTS, source="server", max_bytes=edge.max_bytes)
-    return decode_state_dict(payload, name="server", max_bytes=edge.max_bytes)
+    base_label = message.content[wire.CONFIG].get("base") if wire.CONFIG in message.content else None
+    if base_label not in (None, wire.BASE_UPLOAD):
+        raise EdgeSetupError(f"{edge.worker.name}: the server's download names an unknown base {base_label!r}")
+    base = _last_upload(context, edge) if base_label == wire.BASE_UPLOAD else None
+    # A plain payload is checked as before (no model built for a reference); a codec's needs the model's shapes.
+    reference = None if edge.transfer.plain(base) else edge.reference()
+    return edge.transfer.decode(payload, reference=reference, base=base, max_bytes=edge.max_bytes, name="server")
 
 
 def _data_record(edge: LocalEdge) -> Any:
@@ -187,13 +214,20 @@ def _fit(message: Message, context: Context) -> Message:
     edge = _local_edge(message, context)
     config = message.content[wire.CONFIG]
     phase, epochs = str(config["phase"]), int(config["epochs"])
-    weights = _received_weights(message, edge)
+    weights = _received_weights(message, context, edge)
     reply = edge.worker.fit(weights, phase=phase, epochs=epochs)
     log.info("%s %s: test accuracy %.4f on %d samples", edge.worker.name, phase, reply.accuracy, reply.test_samples)
-    payload = encode_state_dict(reply.weights)
+    base = edge.transfer.upload_base(weights)
+    payload = edge.transfer.encode(reply.weights, base=base)
+    if edge.transfer.delta:
+        # The base of the next download: the upload exactly as the server decodes it (same bytes, base and code).
+        sent = edge.transfer.decode(payload, reference=weights, base=base, name=f"{edge.worker.name}'s own upload")
+        context.state[wire.LAST_UPLOAD] = wire.payload_record(encode_state_dict(sent))
     if phase == "pretrain" and _needs_own_weights(edge):
-        # The next message (the update) runs in a fresh process: the edge's own model waits in the node's state.
-        context.state[wire.OWN_WEIGHTS] = wire.payload_record(payload)
+        # The next message (the update) runs in a fresh process: the edge's own model waits in the node's state,
+        # exact (the upload may have been compressed).
+        own = payload if edge.transfer.plain(base) else encode_state_dict(reply.weights)
+        context.state[wire.OWN_WEIGHTS] = wire.payload_record(own)
     content = RecordDict({
         wire.WEIGHTS: wire.payload_record(payload),
         wire.METRICS: MetricRecord({"num-samples": reply.num_samples, "accuracy": float(reply.accuracy),
@@ -234,7 +268,7 @@ def _own_weights(message: Message, context: Context, edge: LocalEdge) -> dict[st
 @client_app.evaluate("update")
 def update(message: Message, context: Context) -> Message:
     edge = _local_edge(message, context)
-    weights = _received_weights(message, edge)
+    weights = _received_weights(message, context, edge)
     if weights is None:
         raise EdgeSetupError("evaluate.update carries no weights")
     if _needs_own_weights(edge):

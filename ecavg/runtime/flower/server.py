@@ -35,8 +35,9 @@ from ecavg.config.deploy import (
 )
 from ecavg.core.participants import DataSpec, ServerWorker
 from ecavg.core.pool import EdgePool
-from ecavg.core.records import EdgeEvaluation, EdgeReply
+from ecavg.core.records import EdgeEvaluation, EdgeReply, StateDict
 from ecavg.core.serialization import encode_state_dict
+from ecavg.core.transfer import EdgeLinks, Transfer
 from ecavg.core.update import make_update_mode
 from ecavg.data import ImageDataset, load_dataset
 from ecavg.errors import DeploymentError, EdgeQuorumError
@@ -73,7 +74,8 @@ class FlowerEdgePool(EdgePool):
 
     def __init__(self, grid: Grid, *, num_edges: int, settings: DeploySettings, spec: DataSpec, classes: list[str],
                  reference: Mapping[str, torch.Tensor], upload_data: bool, server_data: ImageDataset | None,
-                 emit=lambda record: None, update_candidates: tuple[str, ...] = ("server",)):
+                 emit=lambda record: None, update_candidates: tuple[str, ...] = ("server",),
+                 transfer: Transfer | None = None):
         self._grid = grid
         self._names = [f"edge-{k}" for k in range(num_edges)]
         self.settings = settings
@@ -86,6 +88,7 @@ class FlowerEdgePool(EdgePool):
         self._emit = emit
         self._update_candidates = update_candidates  # what an edge may report as kept (the run's update mode)
         self._own_payloads: dict[str, bytes] = {}  # edges' own pre-trained weights restored from checkpoints
+        self._links = EdgeLinks(transfer)  # the [transfer] codec, and each edge's last upload (delta bases)
         self.nodes: dict[str, int] = {}
         self.modes: dict[str, str] = {}
         self.missing: dict[str, str] = {}
@@ -107,15 +110,21 @@ class FlowerEdgePool(EdgePool):
     def fit(self, weights: Mapping[str, torch.Tensor] | None, *, phase: str, epochs: int,
             only: list[str] | None = None) -> Iterator[EdgeReply]:
         targets = [n for n in (only if only is not None else self._names) if n not in self.missing]
-        payload = encode_state_dict(weights) if weights is not None else None
+        transfer = self._links.transfer
+        download = self._links.download(weights) if weights is not None else None
         reference = weights if weights is not None else self._reference
         wants_data = {n: self._upload_data and n not in self._data for n in targets}
         messages = {}
+        upload_bases: dict[str, StateDict | None] = {}
         for name in targets:
             content = RecordDict({wire.CONFIG: wire.config_record(
-                phase=phase, epochs=int(epochs), spec=self._spec_json, **{"send-data": wants_data[name]})})
-            if payload is not None:
-                content[wire.WEIGHTS] = wire.payload_record(payload)
+                phase=phase, epochs=int(epochs), spec=self._spec_json, **{"send-data": wants_data[name]},
+                base=self._base_label(download, name))})
+            upload_bases[name] = None
+            if download is not None:
+                content[wire.WEIGHTS] = wire.payload_record(download.payload(name))
+                if transfer.delta:  # the edge's upload is a delta from what it decodes: the server decodes it too
+                    upload_bases[name] = download.received(name)
             messages[name] = content
         # Replies are handed on in edge order, not arrival order: the average then sums in the same order
         # as in the embedded runtime, so a deployment reproduces its numbers bit for bit.
@@ -126,14 +135,17 @@ class FlowerEdgePool(EdgePool):
             try:
                 parsed, data, data_bytes = wire.parse_fit_reply(
                     reply, source=name, node_id=self.nodes[name], reference=reference,
-                    max_bytes=self.settings.max_message_bytes, spec=self._spec if wants_data[name] else None)
+                    max_bytes=self.settings.max_message_bytes, spec=self._spec if wants_data[name] else None,
+                    transfer=transfer, base=upload_bases[name])
             except wire.EdgeReplyError as error:
                 self._drop(name, phase, f"{error.kind}: {error}")
             else:
                 if data is not None:
                     self._add_data(name, data, data_bytes)
-                ready[name] = dataclasses.replace(parsed, bytes_up=parsed.bytes_up + data_bytes,
-                                                  bytes_down=len(payload) if payload else 0)
+                self._links.remember_upload(name, parsed.weights)
+                ready[name] = dataclasses.replace(
+                    parsed, bytes_up=parsed.bytes_up + data_bytes,
+                    bytes_down=len(download.payload(name)) if download is not None else 0)
             settled.add(name)
             while position < len(targets) and (targets[position] in settled or targets[position] in self.missing):
                 if targets[position] in ready:
@@ -146,14 +158,15 @@ class FlowerEdgePool(EdgePool):
         self._check_quorum(phase, sum(1 for n in self._names if n not in self.missing))
 
     def evaluate(self, weights: Mapping[str, torch.Tensor], *, phase: str) -> Iterator[EdgeEvaluation]:
-        payload = encode_state_dict(weights)
+        download = self._links.download(weights)
         messages = {}
         for name in self._names:
             if name in self.missing:
                 continue
             messages[name] = RecordDict({
-                wire.CONFIG: wire.config_record(phase=phase, spec=self._spec_json),
-                wire.WEIGHTS: wire.payload_record(payload),
+                wire.CONFIG: wire.config_record(phase=phase, spec=self._spec_json,
+                                                base=self._base_label(download, name)),
+                wire.WEIGHTS: wire.payload_record(download.payload(name)),
             })
             if name in self._own_payloads:
                 messages[name][wire.OWN_WEIGHTS] = wire.payload_record(self._own_payloads[name])
@@ -165,12 +178,22 @@ class FlowerEdgePool(EdgePool):
                 self._drop(name, phase, f"{error.kind}: {error}")
                 continue
             own = len(self._own_payloads.get(name, b""))
-            yield dataclasses.replace(evaluation, bytes_down=len(payload) + own)
+            yield dataclasses.replace(evaluation, bytes_down=len(download.payload(name)) + own)
 
     def restore_own_weights(self, name: str, weights: Mapping[str, torch.Tensor]) -> None:
         # A deployment does not resume today (each submission is a new run), but if it did, a fresh run's edges
         # would hold no state: their own weights go down with the update message.
         self._own_payloads[name] = encode_state_dict(weights)
+
+    def restore_upload(self, name: str, weights: Mapping[str, torch.Tensor]) -> None:
+        # Nothing to remember: a fresh run's edge does not hold that upload, so its next download goes whole.
+        pass
+
+    @staticmethod
+    def _base_label(download, name: str) -> str | None:
+        """The config record's ``base`` of edge ``name``'s download: "upload" when it is a delta from the edge's
+        last upload, else absent (sent whole)."""
+        return wire.BASE_UPLOAD if download is not None and download.base(name) is not None else None
 
     def training_data(self) -> ImageDataset:
         if self._server_data is not None:
@@ -379,7 +402,8 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], *, log_to_output: bool
                               classes=list(splits.train.classes), reference=reference,
                               upload_data=settings.share_data == "full" and server_training_needs_edge_data(cfg),
                               server_data=server_data, emit=run_dir.emit,
-                              update_candidates=make_update_mode(cfg).candidates())
+                              update_candidates=make_update_mode(cfg).candidates(),
+                              transfer=Transfer.from_config(cfg))
         log.info("%s over Flower: %s, %d edges, %s on %s, share_data = %s, output %s", cfg["strategy"],
                  cfg["data"]["dataset"], cfg["data"]["num_edges"], cfg["model"]["name"], device,
                  settings.share_data, run_dir.path)

@@ -21,6 +21,11 @@ Message types (Flower accepts ``<train|evaluate|query>.<action>``):
 An edge keeps its own pre-trained weights, for update modes that need them, in Flower's ``context.state``
 (persisted per node and run, across the fresh process of every message) under ``OWN_WEIGHTS``, as a
 safetensors payload like every other tensor record.
+
+Weights travel under the run's ``[transfer]`` codec (``ecavg.core.transfer``). With ``transfer.delta`` a download
+whose config record says ``base = "upload"`` is a delta from the edge's last upload, which the edge keeps, decoded,
+in its ``context.state`` under ``LAST_UPLOAD`` (plain float32 safetensors); an upload is a delta from the weights
+the edge received for the phase.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from ecavg.core.participants import DataSpec
 from ecavg.core.records import EdgeEvaluation, EdgeReply, StateDict
 from ecavg.core.serialization import WeightsError, decode_state_dict, encode_state_dict
+from ecavg.core.transfer import Transfer
 from ecavg.core.update import FINETUNE_PHASES
 from ecavg.data import ImageDataset
 
@@ -51,6 +57,9 @@ CONFIG = "config"  # ConfigRecord: server -> edge instructions
 METRICS = "metrics"  # MetricRecord: edge -> server numbers
 REPORT = "report"  # ConfigRecord: edge -> server text (identity, per-epoch history as JSON)
 OWN_WEIGHTS = "own-weights"  # ArrayRecord: an edge's own pre-trained weights (its context.state; on resume, sent)
+LAST_UPLOAD = "last-upload"  # ArrayRecord in an edge's context.state: its last upload as decoded ([transfer] delta)
+# The config record's "base" of a download sent as a delta from the edge's last upload.
+BASE_UPLOAD = "upload"
 
 PAYLOAD_KEY = "payload"
 PAYLOAD_STYPE = "safetensors"
@@ -111,11 +120,14 @@ def payload_bytes(content: RecordDict, key: str, *, source: str, max_bytes: int 
 
 
 def decode_weights(content: RecordDict, *, source: str, reference: Mapping[str, torch.Tensor] | None,
-                   max_bytes: int | None) -> tuple[StateDict, int]:
-    """(weights, payload size); keys, shapes and dtypes checked against ``reference``, NaN/Inf rejected."""
+                   max_bytes: int | None, transfer: Transfer | None = None,
+                   base: Mapping[str, torch.Tensor] | None = None) -> tuple[StateDict, int]:
+    """(weights, payload size) under ``transfer`` (default plain fp32) against ``base``: keys, shapes and dtypes
+    checked against ``reference``, the codec's metadata and int8 scales checked, NaN/Inf rejected."""
     payload = payload_bytes(content, WEIGHTS, source=source, max_bytes=max_bytes)
     try:
-        weights = decode_state_dict(payload, name=source, reference=reference, max_bytes=max_bytes)
+        weights = (transfer or Transfer()).decode(payload, reference=reference, base=base, max_bytes=max_bytes,
+                                                  name=source)
     except WeightsError as error:
         raise EdgeReplyError(str(error)) from None
     return weights, len(payload)
@@ -232,16 +244,18 @@ def check_reply_envelope(reply: Message, *, source: str, node_id: int) -> None:
 
 
 def parse_fit_reply(reply: Message, *, source: str, node_id: int, reference: Mapping[str, torch.Tensor],
-                    max_bytes: int | None, spec: DataSpec | None = None
-                    ) -> tuple[EdgeReply, TrainData | None, int]:
+                    max_bytes: int | None, spec: DataSpec | None = None, transfer: Transfer | None = None,
+                    base: Mapping[str, torch.Tensor] | None = None) -> tuple[EdgeReply, TrainData | None, int]:
     """Validate a ``train.*`` reply completely before anything of it is used: (the edge's reply, its training
-    data and that data's payload size when ``spec`` is given, i.e. ``share_data = "full"``).
+    data and that data's payload size when ``spec`` is given, i.e. ``share_data = "full"``). The weights are
+    decoded under ``transfer`` against ``base`` (the weights the edge received, when the run sends deltas).
 
     Raises EdgeReplyError naming the edge (``source``) for any problem.
     """
     check_reply_envelope(reply, source=source, node_id=node_id)
     content = reply.content
-    weights, size = decode_weights(content, source=source, reference=reference, max_bytes=max_bytes)
+    weights, size = decode_weights(content, source=source, reference=reference, max_bytes=max_bytes,
+                                   transfer=transfer, base=base)
     metrics = _record(content, METRICS, MetricRecord, source)
     num_samples = _count(metrics, "num-samples", source, minimum=1)
     parsed = EdgeReply(

@@ -1,0 +1,145 @@
+"""Compressed transfers (config ``[transfer]``): the codec and the base of every weight transfer in a run.
+
+``transfer.codec`` (one of ``ecavg.core.codecs.TRANSFER_CODECS``) encodes every transfer of model weights, both
+ways; with ``transfer.delta`` each is sent as the difference from weights both sides already hold, its *base*:
+
+- upload (edge -> server, after a training phase): the weights the edge received for that phase, as it decoded them
+  (the shared start for pre-training, the round's global weights for a FedAvg round);
+- download (server -> edge): that edge's last upload, as the server decoded it (the edge keeps the same decoded
+  copy), once it has uploaded in this run: ECAvg's final update and FedAvg's rounds after the first, whose base is
+  then the edge's previous upload rather than the previous global weights (one rule for every download, and the
+  same state the update needs). The first training download (pre-training, FedAvg round 1) has no base: it goes
+  whole, under the codec.
+
+Both runtimes apply exactly this (the embedded runtime encodes and decodes every transfer, so an embedded run
+loses what a deployment loses and counts the real bytes). ``fp32`` without a base sends the plain safetensors
+payload of earlier versions (no codec metadata), so the default reproduces earlier results and byte counts exactly.
+
+Refused by ``check_transfer_config``: delta with ``fp32`` (a float32 difference is as large as the weights), delta
+with ``shared_init = false`` (each edge starts from its own init, so its pre-training upload has no base) and delta
+with a strategy whose edges never upload (the final model would have none). Not compressed: the edges' training
+data (``deploy.share_data``) and an edge's own weights kept for the update modes; they are not weights in transit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from torch import Tensor
+
+from ecavg.core.codecs import Codec, codec
+from ecavg.core.records import StateDict
+from ecavg.core.serialization import decode_state_dict, encode_state_dict
+from ecavg.errors import ConfigError, WeightsError
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """A run's ``[transfer]`` settings, applied to one payload at a time (the same on both sides of a link)."""
+
+    codec_name: str = "fp32"
+    delta: bool = False
+
+    def __post_init__(self) -> None:
+        codec(self.codec_name, delta=self.delta)  # an unknown name or a non-bool flag fails here
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> Transfer:
+        section = cfg["transfer"]
+        return cls(section["codec"], section["delta"])
+
+    def to_dict(self) -> dict[str, Any]:
+        """What results.json records under ``transfer``."""
+        return {"codec": self.codec_name, "delta": self.delta}
+
+    def codec_for(self, base: Mapping[str, Tensor] | None) -> Codec:
+        """The codec of a transfer with this base (None: sent whole, also when the run sends deltas)."""
+        if base is not None and not self.delta:
+            raise WeightsError(f"transfer.codec {self.codec_name!r} without delta takes no base weights")
+        return codec(self.codec_name, delta=base is not None)
+
+    def plain(self, base: Mapping[str, Tensor] | None = None) -> bool:
+        """Whether a payload with this base is the plain float32 safetensors of earlier versions (no metadata)."""
+        return self.codec_name == "fp32" and base is None
+
+    def encode(self, weights: Mapping[str, Tensor], *, base: Mapping[str, Tensor] | None = None) -> bytes:
+        if self.plain(base):
+            return encode_state_dict(weights)
+        return self.codec_for(base).encode(weights, base=base)
+
+    def decode(self, payload: bytes | bytearray | memoryview, *, reference: Mapping[str, Tensor] | None,
+               base: Mapping[str, Tensor] | None = None, max_bytes: int | None = None, name: str) -> StateDict:
+        """The weights in ``payload``, validated before use (size, codec, keys, shapes, dtypes, scales, NaN/Inf)
+        against ``reference`` (required unless the payload is plain fp32) and decoded against ``base``."""
+        if self.plain(base):
+            return decode_state_dict(payload, name=name, reference=reference, max_bytes=max_bytes)
+        if reference is None:
+            raise WeightsError(f"weights from {name!r}: a {self.codec_for(base).label} payload needs the expected "
+                               "state dict to decode against")
+        return self.codec_for(base).decode(payload, reference=reference, base=base, max_bytes=max_bytes, name=name)
+
+    def upload_base(self, received: StateDict | None) -> StateDict | None:
+        """The base of an edge's upload: the weights it received for the phase, when the run sends deltas."""
+        return received if self.delta else None
+
+
+class EdgeLinks:
+    """The server's end of the links to its edges: the run's transfer, and (with delta) each edge's last upload,
+    as decoded: the base of that edge's next download. Both runtimes' pools hold one."""
+
+    def __init__(self, transfer: Transfer | None = None):
+        self.transfer = transfer or Transfer()
+        self._uploads: dict[str, StateDict] = {}
+
+    def remember_upload(self, name: str, weights: StateDict) -> None:
+        """``weights``: edge ``name``'s upload exactly as decoded, which the edge keeps as well."""
+        if self.transfer.delta:
+            self._uploads[name] = weights
+
+    def download(self, weights: Mapping[str, Tensor]) -> Download:
+        return Download(self.transfer, weights, dict(self._uploads) if self.transfer.delta else {})
+
+
+class Download:
+    """One download of ``weights`` to several edges: one payload shared by the edges that get it whole, one per edge
+    sent a delta from its last upload (encoded when first asked for)."""
+
+    def __init__(self, transfer: Transfer, weights: Mapping[str, Tensor], bases: Mapping[str, StateDict]):
+        self.transfer = transfer
+        self.weights = weights
+        self._bases = bases
+        self._payloads: dict[str | None, bytes] = {}
+
+    def base(self, name: str) -> StateDict | None:
+        """The base of edge ``name``'s payload (None: sent whole)."""
+        return self._bases.get(name)
+
+    def payload(self, name: str) -> bytes:
+        key = name if name in self._bases else None
+        if key not in self._payloads:
+            self._payloads[key] = self.transfer.encode(self.weights, base=self.base(name))
+        return self._payloads[key]
+
+    def received(self, name: str) -> StateDict:
+        """What edge ``name`` decodes from its payload (bit for bit: same bytes, same base, same code)."""
+        return self.transfer.decode(self.payload(name), reference=self.weights, base=self.base(name), name=name)
+
+
+def check_transfer_config(cfg: Mapping[str, Any], strategy: Any) -> None:
+    """``transfer.delta`` has a base for every transfer of the run (ConfigError naming the key otherwise).
+
+    ``strategy`` is the selected strategy class (``edge_models``: whether its edges train and upload)."""
+    section = cfg["transfer"]
+    if not section["delta"]:
+        return
+    if section["codec"] == "fp32":
+        raise ConfigError("config key 'transfer.delta' = true gains nothing with transfer.codec = \"fp32\" (a float32 "
+                          "difference is as large as the weights); use codec fp16, bf16 or int8, or delta = false")
+    if not cfg["shared_init"]:
+        raise ConfigError("config key 'transfer.delta' = true needs weights both sides hold, but with shared_init = "
+                          "false every edge starts from its own random init, so its first upload has no base; set "
+                          "shared_init = true or transfer.delta = false")
+    if not strategy.edge_models:
+        raise ConfigError(f"config key 'transfer.delta' = true has no base with strategy = \"{strategy.name}\": its "
+                          "edges never upload weights, so the final model goes down whole; set transfer.delta = false")
