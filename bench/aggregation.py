@@ -153,7 +153,8 @@ def average_inplace_unchecked(stream) -> tuple[dict[str, torch.Tensor], float]:
             for key, value in state_dict.items():
                 acc = sums.get(key)
                 if acc is None:
-                    sums[key] = value.to(torch.float64 if not value.is_floating_point() else torch.float32, copy=True).mul_(weight)
+                    dtype = torch.float64 if not value.is_floating_point() else torch.float32
+                    sums[key] = value.to(dtype, copy=True).mul_(weight)
                 else:
                     acc.add_(value, alpha=weight)
             total += weight

@@ -150,7 +150,8 @@ def plain_ecavg(config: Mapping[str, Any] = BASELINE_CONFIG, *, data_dir: Path =
     accuracy_averaged = _plain_accuracy(server, test_set, channels_last=channels_last)
     timing["aggregate"] = time.perf_counter() - phase
     phase = time.perf_counter()
-    _plain_train(server, Subset(train_set, train_order.tolist()), epochs=cfg["server"]["epochs"], batch_size=cfg["server"]["batch_size"],
+    _plain_train(server, Subset(train_set, train_order.tolist()), epochs=cfg["server"]["epochs"],
+                 batch_size=cfg["server"]["batch_size"],
                  lr=cfg["server"]["lr"], label_smoothing=cfg["server"]["label_smoothing"],
                  channels_last=channels_last, seed=seed + 100)
     accuracy_server = _plain_accuracy(server, test_set, channels_last=channels_last)

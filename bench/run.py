@@ -42,7 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer steps and repeats (under 5 minutes in all)")
     parser.add_argument("--sections", default=None,
-                        help=f"comma-separated sections from {', '.join(SECTIONS)} (default: {', '.join(DEFAULT_SECTIONS)}"
+                        help=f"comma-separated sections from {', '.join(SECTIONS)} "
+                             f"(default: {', '.join(DEFAULT_SECTIONS)}"
                              ", plus experiments when not --quick)")
     parser.add_argument("--e2e", action="store_true", help="run only the long end-to-end section 4")
     parser.add_argument("--e2e-parts", default="fast+smallmap,plain,ours,ours+smallmap",
@@ -106,9 +107,9 @@ def main(argv: list[str] | None = None) -> int:
 
             partial_path = RESULTS_DIR / f"e2e-{now_iso().replace(':', '')}.json"
 
-            def save_partial(results: dict) -> None:
+            def save_partial(results: dict, path: Path = partial_path) -> None:
                 # A long run keeps what it has: each finished part is written at once.
-                partial_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+                path.write_text(json.dumps(results, indent=2, default=str) + "\n")
 
             body = e2e.run([p.strip() for p in args.e2e_parts.split(",") if p.strip()], data_dir=args.data_dir,
                            cache_dir=args.cache_dir, on_part=save_partial)

@@ -397,7 +397,8 @@ def env_experiment(model: str, env: dict[str, str], *, quick: bool, data_dir: Pa
 
     from bench.common import REPO_ROOT
 
-    base_env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    base_env = {**os.environ, "PYTHONPATH": python_path}
     args = json.dumps({"model": model, "quick": quick, "data_dir": str(data_dir)})
     rates: dict[str, list[float]] = {"shipped": [], "variant": []}
     for _ in range(rounds):
@@ -408,7 +409,8 @@ def env_experiment(model: str, env: dict[str, str], *, quick: bool, data_dir: Pa
                 raise RuntimeError(f"trainer worker ({extra or 'default env'}) failed:\n{proc.stderr[-3000:]}")
             rates[key].append(json.loads(proc.stdout.strip().splitlines()[-1])["samples_per_s"])
     shipped, variant = statistics.median(rates["shipped"]), statistics.median(rates["variant"])
-    return {"env": env, "rates": rates, "shipped_median": shipped, "variant_median": variant, "ratio": variant / shipped}
+    return {"env": env, "rates": rates, "shipped_median": shipped, "variant_median": variant,
+            "ratio": variant / shipped}
 
 
 def _worker(model: str, quick: bool, data_dir: str) -> dict[str, Any]:

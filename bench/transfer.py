@@ -140,7 +140,7 @@ def serialization_speed(model: str = "resnet50", classes: int = 100, repeats: in
             "torch.save (pickle, reference)": lambda: torch.save(state, io.BytesIO()),
             "torch.load (pickle, reference)": lambda: torch.load(io.BytesIO(pickled_bytes), weights_only=True),
         }
-        for name, fn in cases.items():
+        for fn in cases.values():
             fn()  # warm-up
         for _ in range(repeats):  # interleaved rounds, best kept
             for name, fn in cases.items():
@@ -241,19 +241,22 @@ def codec_accuracy(config: Mapping[str, Any], codecs: Sequence[str] = tuple(CODE
     for name, r in results.items():
         if reference is not None:
             r["bytes_ratio_to_fp32"] = r["uplink_bytes_per_edge"] / reference["uplink_bytes_per_edge"]
-            r["delta_accuracy_after_update"] = r["accuracy_edges_after_update"] - reference["accuracy_edges_after_update"]
+            r["delta_accuracy_after_update"] = (r["accuracy_edges_after_update"]
+                                                - reference["accuracy_edges_after_update"])
             r["delta_accuracy_averaged"] = r["accuracy_averaged"] - reference["accuracy_averaged"]
         rows.append([name, r.get("bytes_ratio_to_fp32"), r["uplink_relative_error"], r["accuracy_averaged"],
                      r.get("delta_accuracy_averaged"), r["accuracy_edges_after_update"],
                      r.get("delta_accuracy_after_update")])
     before = sum(o.accuracy * o.test_samples for o in trained) / sum(o.test_samples for o in trained)
     print_table(
-        f"Codecs on a short ECAvg run ({cfg['model']['name']}, {cfg['data']['dataset']} x{cfg['data']['train_fraction']}, "
+        f"Codecs on a short ECAvg run ({cfg['model']['name']}, {cfg['data']['dataset']} "
+        f"x{cfg['data']['train_fraction']}, "
         f"edges {cfg['edge']['epochs']} ep, server {cfg['server']['epochs']} ep, {len(splits.test)} test images; "
         f"edges before update {before:.4f})",
         ["codec", "bytes/fp32", "rel. error", "avg acc", "d avg acc", "after-update acc", "d after"], rows,
     )
-    return {"config": cfg, "test_size": len(splits.test), "edge_accuracy_before": before, "pretrain_seconds": pretrain_s, "codecs": results,
+    return {"config": cfg, "test_size": len(splits.test), "edge_accuracy_before": before,
+            "pretrain_seconds": pretrain_s, "codecs": results,
             "load_average": load_average()}
 
 

@@ -58,7 +58,8 @@ class Registry(Generic[T]):
         if not isinstance(name, str) or not name:
             raise TypeError(f"{cls.__name__} needs a class attribute 'name' to be registered as a {self.what}")
         if name in self._options:
-            raise TypeError(f"{self.what} {name!r} is registered twice ({self._options[name].__name__}, {cls.__name__})")
+            raise TypeError(f"{self.what} {name!r} is registered twice "
+                            f"({self._options[name].__name__}, {cls.__name__})")
         self._options[name] = cls
         return cls
 

@@ -163,7 +163,8 @@ def write_sweep_outputs(out: Path, keys: list[str], rows: list[dict[str, Any]], 
     writer = csv.writer(buf)
     writer.writerow([*keys, "run", *METRICS])
     for r in rows:
-        writer.writerow([format_grid_value(r["point"][k]) for k in keys] + [r["run"]] + ["" if r[m] is None else r[m] for m in METRICS])
+        writer.writerow([format_grid_value(r["point"][k]) for k in keys] + [r["run"]]
+                        + ["" if r[m] is None else r[m] for m in METRICS])
     write_text_atomic(out / "sweep.csv", buf.getvalue())
 
     resolved = resolve_config(base)
@@ -171,7 +172,8 @@ def write_sweep_outputs(out: Path, keys: list[str], rows: list[dict[str, Any]], 
         f"# Sweep over {', '.join(keys)}",
         "",
         f"Base: strategy `{resolved['strategy']}`, dataset `{resolved['data']['dataset']}`, model "
-        f"`{resolved['model']['name']}`, {resolved['data']['num_edges']} edges, edge epochs {resolved['edge']['epochs']}, "
+        f"`{resolved['model']['name']}`, {resolved['data']['num_edges']} edges, "
+        f"edge epochs {resolved['edge']['epochs']}, "
         f"server epochs {resolved['server']['epochs']}, train fraction {resolved['data']['train_fraction']}. "
         "Accuracies in %, edge figures are the mean over edges" + ("; mean ± std over seeds." if by_seed else "."),
         "",
@@ -200,7 +202,8 @@ def _plot(path: Path, keys: list[str], rows: list[dict[str, Any]]) -> None:
         errs = [(r[m][1] if isinstance(r[m], tuple) else 0.0) for r in rows]
         xs = [i + (j - (len(metrics) - 1) / 2) * width for i in range(len(rows))]
         ax.bar(xs, [100 * (v or 0) for v in means], width, yerr=[100 * e for e in errs], label=METRIC_TITLES[m])
-    ax.set_xticks(range(len(rows)), labels, rotation=30 if len(rows) > 4 else 0, ha="right" if len(rows) > 4 else "center",
+    crowded = len(rows) > 4
+    ax.set_xticks(range(len(rows)), labels, rotation=30 if crowded else 0, ha="right" if crowded else "center",
                   fontsize=8)
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 100)

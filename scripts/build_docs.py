@@ -22,8 +22,9 @@ Directives (paths are relative to the repository root):
 ``{{acc RUN FIELD}}`` (inline)
     One accuracy in % (a RUN with ``*`` in it: the mean over the runs it matches), FIELD one of ``edge_before``,
     ``edge_after`` (means over edges), ``worst_edge_change`` (the least-gaining edge's after minus before),
-    ``server_averaged``, ``server_finetuned``; ``{{time RUN}}`` the run's total seconds, as minutes; ``{{epoch_s RUN PHASE}}`` the
-    median seconds of one epoch of PHASE (``pretrain``, ``finetune``, ``centralized``, ...).
+    ``server_averaged``, ``server_finetuned``; ``{{time RUN}}`` the run's total seconds, as minutes;
+    ``{{epoch_s RUN PHASE}}`` the median seconds of one epoch of PHASE (``pretrain``, ``finetune``,
+    ``centralized``, ...).
 ``{{pp RUN_A FIELD_A RUN_B FIELD_B}}`` (inline)
     A minus B in percentage points, signed.
 """
@@ -140,7 +141,7 @@ def render_sweep(args: list[str]) -> str:
         columns += [k for k in keys if k != "seed" and k not in columns]
     with_seeds = any("seed" in keys for _, keys, _ in sweeps)
     groups: dict[tuple, list[dict[str, Any]]] = {}
-    for directory, keys, rows in sweeps:
+    for directory, _keys, rows in sweeps:
         for row in rows:
             ident = (rel(directory),) + tuple(row.get(k, "") for k in columns)
             groups.setdefault(ident, []).append(figures(load_results(directory / row["run"])))

@@ -57,7 +57,8 @@ def test_renders_every_directive_from_the_runs(tiny_sweep, monkeypatch):
     )
     text = build_docs.render(source)
 
-    ecavg, central = results_of(tiny_sweep, "strategy=ecavg,seed=0"), results_of(tiny_sweep, "strategy=centralized,seed=0")
+    ecavg = results_of(tiny_sweep, "strategy=ecavg,seed=0")
+    central = results_of(tiny_sweep, "strategy=centralized,seed=0")
     gain = 100 * (ecavg["server"]["accuracy_finetuned"] - central["server"]["accuracy_finetuned"])
     after = 100 * sum(e["accuracy_after"] for e in ecavg["edges"]) / len(ecavg["edges"])
     assert "| paper (ECAvg) | 38.86 | 81.16 |" in text

@@ -52,7 +52,8 @@ def write_idx(path: Path, array: np.ndarray, *, magic: bytes | None = None) -> N
         path.write_bytes(payload)
 
 
-def make_idx_dataset(folder: Path, *, n_train: int = 30, n_test: int = 10, size: int = 8, gz: bool = True, seed: int = 0):
+def make_idx_dataset(folder: Path, *, n_train: int = 30, n_test: int = 10, size: int = 8, gz: bool = True,
+                     seed: int = 0):
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     arrays = {

@@ -32,7 +32,8 @@ CASES = [
     ("mobilenet_v2", {"width_mult": 0.5}, 1, 32),
     ("mobilenet_v2", {}, 3, 32),
 ]
-CASE_IDS = [f"{name}-{'-'.join(f'{k}={v}' for k, v in opts.items()) or 'default'}-{ch}ch" for name, opts, ch, _ in CASES]
+CASE_IDS = [f"{name}-{'-'.join(f'{k}={v}' for k, v in opts.items()) or 'default'}-{ch}ch"
+            for name, opts, ch, _ in CASES]
 
 
 def _model_with_distinct_norms(name: str, options: dict, in_channels: int, image_size: int, seed: int):

@@ -171,7 +171,8 @@ def test_partition_test_like_follows_training_proportions():
     edge_labels = [train_labels[p] for p in parts]
     tests = partition_test_like(edge_labels, test_labels, 10, seed=0)
     assert_disjoint_cover(tests, len(test_labels))
-    train_counts = torch.stack([torch.bincount(l, minlength=10) for l in edge_labels]).double()  # [edge, class]
+    # [edge, class]
+    train_counts = torch.stack([torch.bincount(labels, minlength=10) for labels in edge_labels]).double()
     share = train_counts / train_counts.sum(0, keepdim=True)
     test_counts = torch.stack([torch.bincount(test_labels[t], minlength=10) for t in tests]).double()
     # Each edge's count of class c is its training share of class c times 50, rounded (+-1).

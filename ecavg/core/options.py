@@ -1,9 +1,9 @@
 """Every registry of pluggable choices, in one place: what the config validates and the docs list.
 
 Importing this module registers every built-in option (strategies, aggregation rules, server objectives, update
-modes, transfer codecs, tracking backends). ``ecavg.tracking`` is a runtime module, but at import time it needs only the leaf
-modules (registry, checks, errors) and imports its backends when a run starts, so listing it here adds no
-dependency.
+modes, transfer codecs, tracking backends). ``ecavg.tracking`` is a runtime module, but at import time it needs
+only the leaf modules (registry, checks, errors) and imports its backends when a run starts, so listing it here
+adds no dependency.
 """
 
 from __future__ import annotations

@@ -50,7 +50,8 @@ class PermutationSpec:
                 if group is None:
                     continue
                 if group not in members:
-                    raise AggregationError(f"permutation spec of {self.model_name!r}: key {key!r} uses unknown group {group!r}")
+                    raise AggregationError(f"permutation spec of {self.model_name!r}: key {key!r} uses unknown "
+                                           f"group {group!r}")
                 members[group].append((key, axis))
         object.__setattr__(self, "members", {group: tuple(pairs) for group, pairs in members.items()})
 

@@ -140,7 +140,8 @@ class FedAvg(Strategy):
                 record = {
                     "accuracy": ctx.server.evaluate(global_weights),
                     "edges": {n: rec["accuracy"] for n, rec in records.items()},
-                    "train_s": tally.timing["pretrain"] - before[0], "aggregate_s": tally.timing["aggregate"] - before[1],
+                    "train_s": tally.timing["pretrain"] - before[0],
+                    "aggregate_s": tally.timing["aggregate"] - before[1],
                     "bytes_up": tally.bytes["uplink"] - before[2], "bytes_down": tally.bytes["downlink"] - before[3],
                 }
                 ctx.store.save(phase, record, global_weights)

@@ -159,6 +159,7 @@ def build_torchvision(
         # torchvision builders take **kwargs, so a bad option only shows up as a TypeError from the constructor.
         raise ModelError(f"torchvision model {name!r} rejected options {dict(options)!r}: {err}") from err
     except ValueError as err:
-        raise ModelError(f"torchvision model {name!r} could not be built with options {dict(options)!r}: {err}") from err
+        raise ModelError(f"torchvision model {name!r} could not be built with options {dict(options)!r}: "
+                         f"{err}") from err
     _adapt_input_channels(model, name, in_channels)
     return _with_small_map_convs(model)
