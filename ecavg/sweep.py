@@ -100,7 +100,6 @@ def run_sweep(
     if not grid:
         raise ConfigError("give at least one --grid key=v1,v2,...")
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     points = [list(zip([k for k, _ in grid], combo)) for combo in itertools.product(*[v for _, v in grid])]
     # Check every point's config before running any, so a typo in the last value does not waste hours.
     configs = []
@@ -108,6 +107,7 @@ def run_sweep(
         user = apply_overrides(base, [f"{k}={v}" for k, v in assignment])
         require_backend(resolve_config(user))
         configs.append(user)
+    out.mkdir(parents=True, exist_ok=True)
     rows = []
     for i, (assignment, user) in enumerate(zip(points, configs), 1):
         run_dir = out / point_name(assignment)

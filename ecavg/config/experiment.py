@@ -237,6 +237,11 @@ def _check_consistency(cfg: dict[str, Any]) -> None:
                               "on it; use a fraction > 0")
     if not cfg["model"].get("name"):
         raise ConfigError("model.name must name a model")
+    from ecavg.models import MODELS
+
+    spec = MODELS.get(cfg["model"]["name"])
+    if spec is not None:  # options of torchvision models built by name are checked by torchvision, at build time
+        spec.checked_options(cfg["model"]["name"], model_options(cfg))
     from ecavg.core.transfer import check_transfer_config  # imports torch, as schema() does
     from ecavg.core.update import check_update_config
 
