@@ -15,11 +15,11 @@ import pytest
 import torch
 
 pytest.importorskip("hypothesis")
-from hypothesis import given  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import given
+from hypothesis import strategies as st
 
-from ecavg.core.averaging import StreamingAverager, average_state_dicts  # noqa: E402
-from ecavg.errors import AggregationError  # noqa: E402
+from ecavg.core.averaging import StreamingAverager, average_state_dicts
+from ecavg.errors import AggregationError
 
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 INT_DTYPES = [torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8]

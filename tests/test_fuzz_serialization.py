@@ -20,16 +20,16 @@ import pytest
 import torch
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import given  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import given
+from hypothesis import strategies as st
 
-from ecavg.core.serialization import (  # noqa: E402
+from ecavg.core.serialization import (
     decode_metadata,
     decode_state_dict,
     encode_state_dict,
     load_state_dict,
 )
-from ecavg.errors import WeightsError  # noqa: E402
+from ecavg.errors import WeightsError
 
 ENCODABLE_DTYPES = [
     torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16,

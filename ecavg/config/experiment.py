@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
+
 from ecavg.config.deploy import deploy_settings
 from ecavg.errors import ConfigError
 
@@ -76,7 +78,12 @@ def _is_int(v: Any) -> bool:
 
 
 def _is_number(v: Any) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int beyond float's range (TOML allows 64-bit ints; callers may pass any)
+        return False
 
 
 def _choice(options: tuple[str, ...]) -> Callable[[Any], str | None]:
@@ -182,7 +189,7 @@ def _merge(base: dict[str, Any], override: Mapping[str, Any], checks: Mapping[st
                 raise ConfigError(f"config key '{where}' must be a table ([{where}]), got {value!r}")
             _merge(base[key], value, check, f"{where}.")
             continue
-        if isinstance(value, int) and not isinstance(value, bool) and isinstance(base.get(key), float):
+        if isinstance(value, int) and _is_number(value) and isinstance(base.get(key), float):
             value = float(value)  # lr = 1 is as good as lr = 1.0
         problem = check(value)
         if problem:
@@ -214,6 +221,8 @@ def _check_consistency(cfg: dict[str, Any]) -> None:
 
 def resolve_config(user: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Defaults overlaid with ``user``; every key and value checked. Returns a new dict."""
+    if user is not None and not isinstance(user, Mapping):
+        raise ConfigError(f"a config must be a table of keys, got {type(user).__name__}")
     user = dict(user or {})
     deploy = user.pop("deploy", None)
     cfg = copy.deepcopy(DEFAULTS)

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
 from ecavg.errors import AggregationError
 
 __all__ = ["AggregationError", "StreamingAverager", "average_state_dicts"]

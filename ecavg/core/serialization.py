@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as _safetensors_load
 from safetensors.torch import save as _safetensors_save
 from torch import Tensor
+
 from ecavg.errors import WeightsError
 
 __all__ = [

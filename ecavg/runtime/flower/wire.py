@@ -23,8 +23,9 @@ from __future__ import annotations
 import functools
 import json
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, TypeVar
 
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -81,7 +82,7 @@ def _reply_parser(parse: Callable[..., _Parsed]) -> Callable[..., _Parsed]:
             raise
         except WeightsError as error:
             raise EdgeReplyError(str(error)) from None
-        except Exception as error:  # noqa: BLE001 - the reply is untrusted input
+        except Exception as error:  # the reply is untrusted input
             source = kwargs.get("source") or f"node {kwargs.get('node_id')}"
             raise EdgeReplyError(f"{source}: malformed reply ({type(error).__name__}: {error})") from error
 
