@@ -33,7 +33,7 @@ else:
     _FUZZ_HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
     settings.register_profile("ci", max_examples=60, derandomize=True, deadline=None,
                               suppress_health_check=_FUZZ_HEALTH)
-    settings.register_profile("fuzz", max_examples=4000, deadline=None, suppress_health_check=_FUZZ_HEALTH)
+    settings.register_profile("fuzz", max_examples=2000, deadline=None, suppress_health_check=_FUZZ_HEALTH)
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
