@@ -75,3 +75,7 @@ def test_known_config_escapes_raise_config_error():
                  {"deploy": {"round_timeout_s": 10**400}}, {"deploy": {1: 2, "a": 3}}, {"deploy": {"max_message_mb": 1e308}}):
         with pytest.raises(ConfigError):
             resolve_config(user)
+    for user in ({"\n": 1}, {"data": {"a\nb": 1}}, {"deploy": {"\n": 1}}):  # found by the long fuzz run
+        with pytest.raises(ConfigError) as caught:
+            resolve_config(user)
+        assert "\n" not in str(caught.value)

@@ -277,6 +277,10 @@ def test_known_escapes_now_raise_weights_error():
         with pytest.raises(WeightsError, match="'w' contains NaN"):
             decode_state_dict(encode_state_dict({"w": nan}), name="e")
         assert decode_state_dict(encode_state_dict({"w": torch.ones(3).to(dtype)}), name="e")["w"].dtype == dtype
+    flag = bytearray(encode_state_dict({"flag": torch.tensor([True, False])}))
+    flag[-2] = 2  # a bool byte that is neither 0 nor 1 (found by the long fuzz run)
+    with pytest.raises(WeightsError, match="bool tensor 'flag' holds bytes other than 0 and 1"):
+        decode_state_dict(bytes(flag), name="e")
     with pytest.raises(WeightsError, match="'c' contains NaN"):
         decode_state_dict(encode_state_dict({"c": torch.tensor([complex(0, float("inf"))])}), name="e")
 

@@ -72,7 +72,7 @@ def deploy_settings(section: Mapping[str, Any] | None, *, num_edges: int | None 
     unknown = sorted(set(section) - set(DEPLOY_DEFAULTS), key=str)
     if unknown:
         raise ConfigError(
-            f"unknown config key '{SECTION}.{unknown[0]}' "
+            f"unknown config key {f'{SECTION}.{unknown[0]}'!r} "
             f"(known keys in [{SECTION}]: {', '.join(sorted(DEPLOY_DEFAULTS))})"
         )
     values = {**DEPLOY_DEFAULTS, **section}
