@@ -168,6 +168,9 @@ def test_known_escapes_now_raise_aggregation_error_or_average():
     """The inputs issue 11 found: sums that overflowed, NaN weights, RuntimeErrors, a string weight."""
     big = average_state_dicts([{"w": torch.tensor([3e38])}, {"w": torch.tensor([3e38])}])
     assert torch.equal(big["w"], torch.tensor([3e38]))
+    top = torch.finfo(torch.float64).max  # found by the long fuzz run: the scaled mean rounded one ulp past the top
+    edge = {"n": torch.tensor([0.0, top], dtype=torch.float64)}
+    assert torch.equal(average_state_dicts([edge, edge], [3.0, 1.0])["n"], edge["n"])
     mixed = average_state_dicts([{"w": torch.tensor([1.0]), "n": torch.tensor(5)},
                                  {"w": torch.tensor([2.0]), "n": torch.tensor(7)}], [1e-300, 1e300])
     assert torch.equal(mixed["w"], torch.tensor([2.0])) and int(mixed["n"]) == 7

@@ -220,6 +220,11 @@ class _Group:
             # .to() copies (float64 -> integer), so the results do not share one storage.
             return {key: chunk.to(self.dtype).view(shape) for key, chunk, shape in zip(self.keys, chunks, self.shapes)}
         means = torch._foreach_div(self.sums, total) if _HAS_FOREACH else [torch.div(acc, total) for acc in self.sums]
+        if self.scale != 1.0:
+            # Sums scaled down because they neared float64's range: the mean of such values may round one ulp past
+            # the largest float64. The true mean lies within the inputs' range, so clamping to it is exact enough.
+            top = torch.finfo(torch.float64).max
+            means = [mean.clamp_(-top, top) for mean in means]
         return {key: mean.to(self.dtype) for key, mean in zip(self.keys, means)}
 
 
