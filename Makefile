@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CONFIG ?= configs/quickstart.toml
 ARGS ?=
 
-.PHONY: run test test-fast lint wheel-check bench bench-quick clean
+.PHONY: run test test-fast lint wheel-check fuzz bench bench-quick clean
 
 # The venv is rebuilt when pyproject.toml changes; one stamp per extras set.
 $(VENV)/.base: pyproject.toml
@@ -33,6 +33,12 @@ lint: $(VENV)/.dev
 # Build the wheel, install it outside the checkout and run the sample from there (scripts/wheel_check.sh).
 wheel-check: $(VENV)/.base
 	PY=$(PY) bash scripts/wheel_check.sh
+
+# The property-based fuzz tests with the long hypothesis profile (tests/conftest.py): fresh inputs on every run,
+# and a count of the inputs tried at the end. `make test` runs the same tests with a bounded, fixed-seed budget.
+fuzz: $(VENV)/.dev
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q -p no:cacheprovider tests/test_fuzz_serialization.py \
+		tests/test_fuzz_averaging.py tests/test_fuzz_config.py $(ARGS)
 
 bench: $(VENV)/.dev
 	$(PY) bench/run.py

@@ -16,7 +16,12 @@ def is_int(v: Any) -> bool:
 
 
 def is_number(v: Any) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int beyond float's range (TOML allows 64-bit ints; callers may pass any)
+        return False
 
 
 def choice(options: tuple[str, ...]) -> Check:

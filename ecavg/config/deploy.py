@@ -7,9 +7,9 @@ the key as for every other section) and keeps the checked values in ``cfg["deplo
 
 from __future__ import annotations
 
-import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from ecavg.errors import ConfigError
 
@@ -54,19 +54,25 @@ class DeploySettings:
         return asdict(self)
 
 
-def _positive_number(key: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"config key '{SECTION}.{key}' must be a number > 0, got {value!r}")
+# Upper bounds keep the derived values usable: max_message_bytes an int, timeouts within threading.TIMEOUT_MAX.
+_MAX_MESSAGE_MB = 2.0**20  # 1 TiB
+_MAX_TIMEOUT_S = 1e9  # about 31 years
+
+
+def _positive_number(key: str, value: Any, maximum: float) -> float:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value <= maximum
+    if not ok:  # also NaN, and ints beyond float's range (compared exactly, never converted)
+        raise ConfigError(f"config key '{SECTION}.{key}' must be a number > 0 and at most {maximum:g}, got {value!r}")
     return float(value)
 
 
 def deploy_settings(section: Mapping[str, Any] | None, *, num_edges: int | None = None) -> DeploySettings:
     """Check a raw ``[deploy]`` table (missing keys take defaults). ``num_edges`` bounds ``min_edges``."""
     section = dict(section or {})
-    unknown = sorted(set(section) - set(DEPLOY_DEFAULTS))
+    unknown = sorted(set(section) - set(DEPLOY_DEFAULTS), key=str)
     if unknown:
         raise ConfigError(
-            f"unknown config key '{SECTION}.{unknown[0]}' "
+            f"unknown config key {f'{SECTION}.{unknown[0]}'!r} "
             f"(known keys in [{SECTION}]: {', '.join(sorted(DEPLOY_DEFAULTS))})"
         )
     values = {**DEPLOY_DEFAULTS, **section}
@@ -91,9 +97,9 @@ def deploy_settings(section: Mapping[str, Any] | None, *, num_edges: int | None 
         share_data=share,
         server_data=values["server_data"],
         min_edges=min_edges,
-        round_timeout_s=_positive_number("round_timeout_s", values["round_timeout_s"]),
-        connect_timeout_s=_positive_number("connect_timeout_s", values["connect_timeout_s"]),
-        max_message_mb=_positive_number("max_message_mb", values["max_message_mb"]),
+        round_timeout_s=_positive_number("round_timeout_s", values["round_timeout_s"], _MAX_TIMEOUT_S),
+        connect_timeout_s=_positive_number("connect_timeout_s", values["connect_timeout_s"], _MAX_TIMEOUT_S),
+        max_message_mb=_positive_number("max_message_mb", values["max_message_mb"], _MAX_MESSAGE_MB),
     )
 
 

@@ -182,18 +182,18 @@ def _merge(base: dict[str, Any], override: Mapping[str, Any], checks: Mapping[st
                 base[key] = copy.deepcopy(value)
                 continue
             known = ", ".join(sorted(checks))
-            raise ConfigError(f"unknown config key '{where}' (known keys{' in [' + path.rstrip('.') + ']' if path else ''}: {known})")
+            raise ConfigError(f"unknown config key {where!r} (known keys{' in [' + path.rstrip('.') + ']' if path else ''}: {known})")
         check = checks[key]
         if isinstance(check, dict):
             if not isinstance(value, Mapping):
-                raise ConfigError(f"config key '{where}' must be a table ([{where}]), got {value!r}")
+                raise ConfigError(f"config key {where!r} must be a table, got {value!r}")
             _merge(base[key], value, check, f"{where}.")
             continue
-        if isinstance(value, int) and not isinstance(value, bool) and isinstance(base.get(key), float):
+        if isinstance(value, int) and _is_number(value) and isinstance(base.get(key), float):
             value = float(value)  # lr = 1 is as good as lr = 1.0
         problem = check(value)
         if problem:
-            raise ConfigError(f"config key '{where}' {problem}, got {value!r}")
+            raise ConfigError(f"config key {where!r} {problem}, got {value!r}")
         base[key] = copy.deepcopy(value)
 
 
@@ -251,6 +251,8 @@ def _check_consistency(cfg: dict[str, Any]) -> None:
 
 def resolve_config(user: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Defaults overlaid with ``user``; every key and value checked. Returns a new dict."""
+    if user is not None and not isinstance(user, Mapping):
+        raise ConfigError(f"a config must be a table of keys, got {type(user).__name__}")
     user = dict(user or {})
     deploy = user.pop("deploy", None)
     cfg = defaults()

@@ -13,6 +13,16 @@ Numerics, per tensor dtype:
   deliberate choice: the value is only a step counter, and BatchNorm reads it only when ``momentum=None``
   (cumulative moving average), where a weighted mean of the edges' counters is the natural value.
 * bool tensors cannot be averaged: they must be identical on every edge.
+* other dtypes (float8, complex, quantized) and tensors without values (the meta device) are refused.
+
+Range: no sum may overflow. Each floating tensor's running sum carries an upper bound on its magnitude (from
+the per-tensor max-abs probe that the NaN/Inf check computes anyway). Ordinary values and weights stay far below
+the dtype's range, so nothing changes for them and results are bit-identical to plain float32 accumulation; a
+float32 sum that could come near float32's range is widened to float64 before the add, and float64 sums are
+scaled down by a power of two (exact). Weights are taken relative to the first edge's; a weight more than 2**64
+times that unit becomes the new unit (the earlier sums are scaled down), so no relative weight is ever infinite.
+Integer means are clamped to their dtype's range, and :meth:`StreamingAverager.result` checks that every
+returned value is finite.
 
 Every state dict is validated completely before anything is accumulated, so a rejected edge leaves the
 running sums untouched and the caller may carry on without it. Rejections raise :class:`AggregationError`
@@ -22,6 +32,7 @@ with the edge name and the tensor key in the message.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -38,6 +49,13 @@ _MAX_KEYS_IN_MESSAGE = 8
 # torch._foreach_* (what torch.optim uses) processes a list of tensors with few kernel launches; a
 # ResNet50 state dict has ~320 tensors, so on a GPU one launch per tensor would dominate the runtime.
 _HAS_FOREACH = all(hasattr(torch, op) for op in ("_foreach_add_", "_foreach_norm", "_foreach_mul_", "_foreach_div"))
+
+_AVERAGED_DTYPES = frozenset({
+    torch.float16, torch.bfloat16, torch.float32, torch.float64,
+    torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32, torch.uint64,
+})
+# A new edge whose weight is more than this many times the current unit becomes the unit (see the module notes).
+_MAX_RELATIVE_WEIGHT = 2.0**64
 
 
 
@@ -62,30 +80,36 @@ def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype | None:
 
 
 def _is_supported_dtype(dtype: torch.dtype) -> bool:
-    if dtype == torch.bool or dtype.is_floating_point:
-        return True
-    if dtype.is_complex:
-        return False
-    # Remaining candidates are integer types; quantized dtypes are not averageable.
-    try:
-        torch.iinfo(dtype)
-    except TypeError:
-        return False
-    return True
+    return dtype == torch.bool or dtype in _AVERAGED_DTYPES
 
 
-def _finite_probes(tensors: list[Tensor], device: torch.device, acc_dtype: torch.dtype) -> Tensor:
-    """One number per tensor that is NaN/Inf whenever the tensor holds a NaN/Inf.
+def _sum_limit(dtype: torch.dtype) -> float:
+    """Largest magnitude a running sum of `dtype` is allowed to reach (a margin below the range for rounding)."""
+    return torch.finfo(dtype).max / 4
 
-    Sums and norms propagate NaN/Inf (no addition turns them finite again), and they are reductions, so
-    no tensor-sized mask is allocated. They may also overflow on huge finite values; callers confirm a
-    non-finite probe with an exact check. On CUDA the fused multi-tensor norm avoids one kernel launch
-    per tensor; on CPU plain per-tensor sums are the fastest reduction (measured ~4x faster than norms).
+
+def _log2_bound(bound: float, maxabs: float, step: float) -> float:
+    """An upper bound on log2(bound + maxabs * step), computed without overflowing."""
+    terms = [math.log2(bound)] if bound > 0 else []
+    if maxabs > 0 and step > 0:
+        terms.append(math.log2(maxabs) + math.log2(step))
+    return max(terms) + 1 if terms else -math.inf
+
+
+def _magnitude_probes(tensors: list[Tensor], device: torch.device) -> Tensor:
+    """One float64 number per tensor: NaN/Inf whenever the tensor holds a NaN/Inf, else >= its largest |value|.
+
+    They are reductions, so no tensor-sized mask is allocated. On CPU, aminmax gives the exact max-abs in one
+    pass (as fast as a sum for float32, faster for 16-bit types). On CUDA the fused multi-tensor 2-norm avoids
+    one kernel launch per tensor; it bounds the max-abs from above but may overflow on huge finite values, so
+    callers confirm a non-finite probe with an exact check.
     """
     if device.type != "cpu" and _HAS_FOREACH:
-        probes = torch._foreach_norm(tensors, 2)
-    else:
-        probes = [t.sum(dtype=acc_dtype) for t in tensors]
+        return torch.stack(torch._foreach_norm(tensors, 2)).to(torch.float64)
+    probes = [
+        torch.stack(torch.aminmax(t.reshape(-1))).abs().amax() if t.numel() else torch.zeros((), dtype=t.dtype)
+        for t in tensors
+    ]
     return torch.stack(probes).to(torch.float64)
 
 
@@ -106,6 +130,8 @@ class _Group:
     acc_dtype: torch.dtype  # dtype of the running sum
     sums: list[Tensor] = field(default_factory=list)  # per-tensor sums (floating groups)
     flat_sum: Tensor | None = None  # one flat sum (integer groups)
+    bounds: list[float] = field(default_factory=list)  # per tensor, >= |its sum| (floating groups)
+    scale: float = 1.0  # power of two the sums carry; below 1 only for float64 sums that neared overflow
 
     @property
     def floating(self) -> bool:
@@ -126,7 +152,42 @@ class _Group:
                 return key
         return None
 
-    def accumulate(self, staged: list[Tensor] | Tensor, weight: float) -> None:
+    def rescale(self, factor: float) -> None:
+        """Multiply the running sums (and their bounds) by `factor`."""
+        if self.flat_sum is not None:
+            self.flat_sum.mul_(factor)
+        for acc in self.sums:
+            acc.mul_(factor)
+        self.bounds = [bound * factor for bound in self.bounds]
+
+    def make_room(self, maxabs: list[float], weight: float) -> None:
+        """Widen or scale the sums so that adding `weight` times tensors with these max-abs cannot overflow."""
+        bounds = self.bounds or [0.0] * len(maxabs)
+
+        def fits() -> bool:
+            step, limit = weight * self.scale, _sum_limit(self.acc_dtype)
+            return all(bound + m * step < limit for bound, m in zip(bounds, maxabs))
+
+        if fits():
+            return
+        if self.acc_dtype != torch.float64:
+            self.acc_dtype = torch.float64  # exact: float64 holds every float32 sum
+            self.sums = [acc.to(torch.float64) for acc in self.sums]
+            if fits():
+                return
+        step = weight * self.scale
+        needed = max(_log2_bound(bound, m, step) for bound, m in zip(bounds, maxabs))
+        shift = max(1, math.ceil(needed - math.log2(_sum_limit(torch.float64))) + 1)
+        factor = math.ldexp(1.0, -shift)
+        self.rescale(factor)
+        self.scale *= factor
+
+    def accumulate(self, staged: list[Tensor] | Tensor, weight: float, maxabs: list[float] | None) -> None:
+        if maxabs is not None:
+            step = weight * self.scale
+            previous = self.bounds or [0.0] * len(maxabs)
+            self.bounds = [bound + m * step for bound, m in zip(previous, maxabs)]
+            weight = step
         if isinstance(staged, Tensor):
             if self.flat_sum is None:
                 self.flat_sum = staged.to(self.acc_dtype).mul_(weight)
@@ -149,12 +210,21 @@ class _Group:
 
     def means(self, total: float) -> dict[str, Tensor]:
         """The group's averages, each a new tensor in the original dtype."""
+        total = total * self.scale  # exact (a power of two), and a no-op unless the sums were scaled
         if self.flat_sum is not None:
-            flat_mean = torch.div(self.flat_sum, total).round_()
+            info = torch.iinfo(self.dtype)
+            # Rounding can carry a mean of huge int64 values to 2**63; the cast would wrap it to -2**63.
+            high = float(info.max) if int(float(info.max)) <= info.max else math.nextafter(float(info.max), 0.0)
+            flat_mean = torch.div(self.flat_sum, total).round_().clamp_(float(info.min), high)
             chunks = torch.split(flat_mean, [shape.numel() for shape in self.shapes])
             # .to() copies (float64 -> integer), so the results do not share one storage.
             return {key: chunk.to(self.dtype).view(shape) for key, chunk, shape in zip(self.keys, chunks, self.shapes)}
         means = torch._foreach_div(self.sums, total) if _HAS_FOREACH else [torch.div(acc, total) for acc in self.sums]
+        if self.scale != 1.0:
+            # Sums scaled down because they neared float64's range: the mean of such values may round one ulp past
+            # the largest float64. The true mean lies within the inputs' range, so clamping to it is exact enough.
+            top = torch.finfo(torch.float64).max
+            means = [mean.clamp_(-top, top) for mean in means]
         return {key: mean.to(self.dtype) for key, mean in zip(self.keys, means)}
 
 
@@ -219,13 +289,21 @@ class StreamingAverager:
 
         with torch.no_grad():
             staged = [group.gather(tensors) for group in groups]
-            self._check_finite(groups, staged, name)
+            maxabs = self._check_finite(groups, staged, name)
             self._check_bools(tensors, name)
             # Validation passed: from here on nothing may fail half-way.
             weight_unit = weight_value if self._weight_unit is None else self._weight_unit
             relative_weight = weight_value / weight_unit
-            for group, group_staged in zip(groups, staged):
-                group.accumulate(group_staged, relative_weight)
+            if relative_weight > _MAX_RELATIVE_WEIGHT:  # also catches inf: this weight becomes the unit
+                factor = weight_unit / weight_value
+                for group in groups:
+                    group.rescale(factor)
+                self._relative_total *= factor
+                weight_unit, relative_weight = weight_value, 1.0
+            for group, group_staged, group_maxabs in zip(groups, staged, maxabs):
+                if group_maxabs is not None:
+                    group.make_room(group_maxabs, relative_weight)
+                group.accumulate(group_staged, relative_weight, group_maxabs)
             for key, (_, dtype) in template.items():
                 if dtype == torch.bool and key not in self._bools:
                     self._bools[key] = tensors[key].clone()
@@ -243,7 +321,10 @@ class StreamingAverager:
         averaged: dict[str, Tensor] = {}
         with torch.no_grad():
             for group in self._groups:
-                averaged.update(group.means(self._relative_total))
+                means = group.means(self._relative_total)
+                if group.floating:
+                    self._check_result_finite(group, [means[key] for key in group.keys])
+                averaged.update(means)
             for key, value in self._bools.items():
                 averaged[key] = value.clone()
         return {key: averaged[key] for key in self._template}
@@ -251,13 +332,24 @@ class StreamingAverager:
     # -- validation ---------------------------------------------------------------------------------
 
     @staticmethod
+    def _check_result_finite(group: _Group, means: list[Tensor]) -> None:
+        # The range handling in add() keeps every sum finite; this is the guarantee, not the mechanism.
+        probes = _magnitude_probes(means, group.device)
+        if bool(torch.isfinite(probes).all()):
+            return
+        for key, mean in zip(group.keys, means):
+            if not bool(torch.isfinite(mean).all()):
+                raise AggregationError(f"tensor {key!r}: the weighted average is not representable in {group.dtype}")
+
+    @staticmethod
     def _check_weight(weight: float, name: str) -> float:
-        if isinstance(weight, bool):
-            raise AggregationError(f"edge {name!r}: weight must be a number, got bool {weight!r}")
+        # A real number only: float("2") would turn a string into a weight, float(True) a flag.
+        if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
+            raise AggregationError(f"edge {name!r}: weight must be a real number, got {type(weight).__name__} {weight!r}")
         try:
             value = float(weight)
-        except (TypeError, ValueError):
-            raise AggregationError(f"edge {name!r}: weight must be a number, got {weight!r}") from None
+        except (TypeError, ValueError, OverflowError):
+            raise AggregationError(f"edge {name!r}: weight must be a finite number, got {weight!r}") from None
         if not math.isfinite(value) or value <= 0.0:
             raise AggregationError(f"edge {name!r}: weight must be finite and > 0, got {weight!r}")
         return value
@@ -311,6 +403,8 @@ class StreamingAverager:
                 raise AggregationError(
                     f"edge {name!r}: tensor {key!r} has layout {tensor.layout}; only dense tensors are supported"
                 )
+            if tensor.device.type == "meta":
+                raise AggregationError(f"edge {name!r}: tensor {key!r} is on the meta device, which holds no values")
             tensors[key] = tensor
         return tensors
 
@@ -331,20 +425,28 @@ class StreamingAverager:
         return list(groups.values())
 
     @staticmethod
-    def _check_finite(groups: list[_Group], staged: list[list[Tensor] | Tensor], name: str) -> None:
+    def _check_finite(groups: list[_Group], staged: list[list[Tensor] | Tensor], name: str) -> list[list[float] | None]:
+        """Refuse NaN/Inf; return, per group, an upper bound on each tensor's |value| (None for integer groups)."""
         # One probe per tensor, gathered per device, and one host synchronisation per device.
         probes_by_device: dict[torch.device, list[Tensor]] = {}
         for group, group_staged in zip(groups, staged):
             if group.floating:
-                probes = _finite_probes(group_staged, group.device, group.acc_dtype)
-                probes_by_device.setdefault(group.device, []).append(probes)
-        if all(bool(torch.isfinite(torch.cat(probes)).all()) for probes in probes_by_device.values()):
-            return
+                probes_by_device.setdefault(group.device, []).append(_magnitude_probes(group_staged, group.device))
+        values_by_device = {device: iter(torch.cat(probes).tolist()) for device, probes in probes_by_device.items()}
+        maxabs: list[list[float] | None] = []
         for group, group_staged in zip(groups, staged):
-            if group.floating:
+            if not group.floating:
+                maxabs.append(None)
+                continue
+            values = [next(values_by_device[group.device]) for _ in group.keys]
+            if not all(math.isfinite(v) for v in values):
                 bad_key = group.first_nonfinite(group_staged)
                 if bad_key is not None:
                     raise AggregationError(f"edge {name!r}: tensor {bad_key!r} contains NaN or Inf values")
+                # Every value is finite; the probe overflowed (a 2-norm of huge values): take the exact max-abs.
+                values = [v if math.isfinite(v) else float(t.abs().max()) for v, t in zip(values, group_staged)]
+            maxabs.append(values)
+        return maxabs
 
     def _check_bools(self, tensors: Mapping[str, Tensor], name: str) -> None:
         for key, stored in self._bools.items():

@@ -2,8 +2,9 @@
 
 Weights arriving from an edge are untrusted input: :func:`decode_state_dict` checks the payload size before
 parsing, rejects anything that is not well-formed safetensors, optionally checks keys/shapes/dtypes against a
-reference state dict, and rejects NaN/Inf in floating tensors. Every rejection raises :class:`WeightsError`
-naming the source (edge name or file path) and, where there is one, the tensor.
+reference state dict, and rejects NaN/Inf in floating and complex tensors. Every rejection raises
+:class:`WeightsError` naming the source (edge name or file path) and, where there is one, the tensor; no other
+exception escapes the decoder, whatever the bytes (tests/test_fuzz_serialization.py holds it to that).
 
 Files are written atomically (temporary file in the same directory, fsync, ``os.replace``), so a crash or a
 failed write never leaves a half-written file in place of a good one.
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import stat
 import struct
 import tempfile
 from collections.abc import Mapping
@@ -41,7 +44,21 @@ __all__ = [
 _HEADER_LENGTH_BYTES = 8
 # Same cap the safetensors library applies; a larger header is garbage or an attack, not a model.
 _MAX_HEADER_BYTES = 100_000_000
-
+# A valid header nests three deep ({name: {"shape": [...]}}); deeper JSON is refused before json.loads, whose
+# recursion would otherwise end in RecursionError (or worse, in a thread with a small stack).
+_MAX_HEADER_DEPTH = 3
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_INNERMOST_JSON_CONTAINER = re.compile(r"\[[^\[\]{}]*\]|\{[^\[\]{}]*\}")
+# The safetensors dtype names this decoder accepts (the ones safetensors.torch maps to a torch dtype). Anything
+# else (F8_E8M0, F4, F6_*, a typo) is refused by name rather than left to the library's lookup table.
+_SAFETENSORS_DTYPES = frozenset({
+    "BOOL", "U8", "I8", "I16", "U16", "I32", "U32", "I64", "U64",
+    "F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E4M3FNUZ", "F8_E5M2", "F8_E5M2FNUZ", "C64",
+})
+# dtypes torch.aminmax reduces directly; other floating dtypes (float8) are widened to float32 for the check.
+_AMINMAX_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+# Read files in pieces of this size, so a size limit holds for files whose size stat() cannot tell.
+_READ_CHUNK_BYTES = 16 * 1024 * 1024
 
 
 def state_dict_nbytes(state_dict: Mapping[str, Tensor]) -> int:
@@ -90,8 +107,53 @@ def encode_state_dict(state_dict: Mapping[str, Tensor], metadata: dict[str, str]
         raise WeightsError(f"cannot encode state dict as safetensors: {error}") from error
 
 
+def _check_nesting(text: str, source: str) -> None:
+    """Refuse JSON nested deeper than a safetensors header can be, without recursing."""
+    skeleton = _JSON_STRING.sub('""', text)
+    for _ in range(_MAX_HEADER_DEPTH):
+        skeleton = _INNERMOST_JSON_CONTAINER.sub("0", skeleton)
+    if any(bracket in skeleton for bracket in "[]{}"):
+        raise WeightsError(
+            f"weights from {source}: not a valid safetensors payload (header nested deeper than "
+            f"{_MAX_HEADER_DEPTH} levels, or unbalanced)"
+        )
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_header_entries(header: dict, source: str) -> None:
+    """Each entry is a tensor description the decoder can load (or the string metadata)."""
+    for key, entry in header.items():
+        if key == "__metadata__":
+            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+                raise WeightsError(f"weights from {source}: metadata is not a mapping of str to str")
+            continue
+        where = f"weights from {source}: tensor {key!r}"
+        if not isinstance(entry, dict):
+            raise WeightsError(f"{where}: header entry is a {type(entry).__name__}, not an object")
+        dtype = entry.get("dtype")
+        if not isinstance(dtype, str) or dtype not in _SAFETENSORS_DTYPES:
+            raise WeightsError(
+                f"{where} has dtype {dtype!r}, which this decoder does not accept "
+                f"(accepted: {', '.join(sorted(_SAFETENSORS_DTYPES))})"
+            )
+        shape = entry.get("shape")
+        if not isinstance(shape, list) or not all(_is_count(n) for n in shape):
+            raise WeightsError(f"{where} has shape {shape!r}; expected a list of integers >= 0")
+        offsets = entry.get("data_offsets")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(_is_count(n) for n in offsets)
+            or offsets[0] > offsets[1]
+        ):
+            raise WeightsError(f"{where} has data_offsets {offsets!r}; expected [begin, end] with 0 <= begin <= end")
+
+
 def _read_header(data: bytes | bytearray | memoryview, source: str) -> dict:
-    """Parse and sanity-check the safetensors JSON header of `data`."""
+    """Parse and check the safetensors JSON header of `data`: structure, dtypes, shapes, offsets."""
     if len(data) < _HEADER_LENGTH_BYTES:
         raise WeightsError(f"weights from {source}: {len(data)} bytes is too short to be a safetensors payload")
     (header_length,) = struct.unpack("<Q", bytes(data[:_HEADER_LENGTH_BYTES]))
@@ -102,20 +164,25 @@ def _read_header(data: bytes | bytearray | memoryview, source: str) -> dict:
         )
     raw_header = bytes(data[_HEADER_LENGTH_BYTES : _HEADER_LENGTH_BYTES + header_length])
     try:
-        header = json.loads(raw_header.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        text = raw_header.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise WeightsError(f"weights from {source}: not a valid safetensors payload (bad header: {error})") from None
+    _check_nesting(text, source)
+    try:
+        header = json.loads(text)
+    except ValueError as error:  # JSONDecodeError, and the int-digits limit of int('9' * 5000)
         raise WeightsError(f"weights from {source}: not a valid safetensors payload (bad header: {error})") from None
     if not isinstance(header, dict):
         raise WeightsError(f"weights from {source}: not a valid safetensors payload (header is not a JSON object)")
+    _check_header_entries(header, source)
     return header
 
 
 def decode_metadata(data: bytes | bytearray | memoryview, *, name: str = "payload") -> dict[str, str]:
     """The string metadata stored in a safetensors payload (empty dict when there is none)."""
-    metadata = _read_header(data, repr(name)).get("__metadata__") or {}
-    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-        raise WeightsError(f"weights from {name!r}: metadata is not a mapping of str to str")
-    return dict(metadata)
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise WeightsError(f"weights from {name!r}: expected bytes, got {type(data).__name__}")
+    return dict(_read_header(data, repr(name)).get("__metadata__") or {})
 
 
 def _validate_tensors(
@@ -141,16 +208,35 @@ def _validate_tensors(
                 raise WeightsError(
                     f"weights from {source}: tensor {key!r} has dtype {tensor.dtype}, expected {expected.dtype}"
                 )
+    for key, tensor in tensors.items():
+        # A bool is one byte holding 0 or 1; torch reads other bytes inconsistently (equal() compares bytes).
+        if tensor.dtype == torch.bool and tensor.numel() and int(tensor.view(torch.uint8).max()) > 1:
+            raise WeightsError(f"weights from {source}: bool tensor {key!r} holds bytes other than 0 and 1")
     # torch.aminmax is one bandwidth-bound read per tensor, where isfinite().all() writes and rereads a bool
     # mask (ResNet50: 5 ms against 38 ms, bench/ transfer section). min and max propagate NaN and show +-Inf, so
     # both extremes are finite exactly when every element is; one host synchronisation for all tensors.
-    floating = [(key, t) for key, t in tensors.items() if t.is_floating_point() and t.numel() > 0]
-    if floating:
-        extremes = torch.stack([value.float() for _, t in floating for value in torch.aminmax(t)])
+    checked = [(key, t) for key, t in tensors.items() if (t.is_floating_point() or t.is_complex()) and t.numel() > 0]
+    if checked:
+        extremes = torch.stack([value.float() for key, t in checked for value in _extremes(key, t, source)])
         finite = torch.isfinite(extremes).view(-1, 2).all(dim=1)
         if not bool(finite.all()):
-            key = floating[int((~finite).nonzero()[0, 0])][0]
+            key = checked[int((~finite).nonzero()[0, 0])][0]
             raise WeightsError(f"weights from {source}: tensor {key!r} contains NaN or Inf values")
+
+
+def _extremes(key: str, tensor: Tensor, source: str) -> tuple[Tensor, Tensor]:
+    """(min, max) of a floating or complex tensor, for the NaN/Inf check; a dtype that cannot be checked is refused."""
+    try:
+        values = torch.view_as_real(tensor) if tensor.is_complex() else tensor
+        if values.dtype not in _AMINMAX_DTYPES:
+            values = values.float()  # float8: no aminmax kernel; float32 holds every float8 value (and NaN/Inf)
+        low, high = torch.aminmax(values)
+        return low, high
+    except (RuntimeError, TypeError, NotImplementedError) as error:
+        raise WeightsError(
+            f"weights from {source}: tensor {key!r} has dtype {tensor.dtype}, whose values cannot be checked "
+            f"for NaN/Inf ({error})"
+        ) from None
 
 
 def _decode(
@@ -165,9 +251,14 @@ def _decode(
         raise WeightsError(f"weights from {source}: payload of {len(data)} bytes exceeds the limit of {max_bytes} bytes")
     _read_header(data, source)  # clear message for the common garbage/truncation cases
     try:
+        # The library copies each tensor's bytes out of `data`, so the tensors never alias the caller's buffer.
         tensors = _safetensors_load(bytes(data))
-    except (SafetensorError, ValueError, TypeError, RuntimeError) as error:
+    except SafetensorError as error:
         raise WeightsError(f"weights from {source}: not a valid safetensors payload ({error})") from None
+    except Exception as error:  # noqa: BLE001 - the bytes are untrusted: any failure to parse them is theirs
+        raise WeightsError(
+            f"weights from {source}: not a valid safetensors payload ({type(error).__name__}: {error})"
+        ) from None
     _validate_tensors(tensors, reference, source)
     if reference is not None:
         # safetensors stores tensors in its own order; hand them back in the reference's order.
@@ -255,15 +346,37 @@ def load_state_dict(
     A missing, unreadable or corrupt file raises WeightsError naming the path (and `name`, if given).
     """
     source = f"{name!r} ({str(path)!r})" if name is not None else repr(str(path))
-    file_path = Path(path)
     try:
-        if max_bytes is not None and file_path.stat().st_size > max_bytes:
-            raise WeightsError(
-                f"weights from {source}: file of {file_path.stat().st_size} bytes exceeds the limit of {max_bytes} bytes"
-            )
-        data = file_path.read_bytes()
+        data = _read_file(Path(path), source, max_bytes)
     except FileNotFoundError:
         raise WeightsError(f"weights from {source}: file not found") from None
     except OSError as error:
         raise WeightsError(f"weights from {source}: cannot read file ({error})") from None
     return _decode(data, source, reference, max_bytes)
+
+
+def _read_file(path: Path, source: str, max_bytes: int | None) -> bytes:
+    """The file's bytes, never more than `max_bytes`: stat() refuses a large regular file before reading, and the
+    read itself stops one byte past the limit, which is what holds for pipes (whose size stat() does not know)."""
+    with path.open("rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not (stat.S_ISREG(info.st_mode) or stat.S_ISFIFO(info.st_mode)):
+            # /dev/zero and friends never end; a directory or socket is not a weights file either.
+            raise WeightsError(f"weights from {source}: not a regular file")
+        if max_bytes is None:
+            return handle.read()
+        if stat.S_ISREG(info.st_mode) and info.st_size > max_bytes:
+            raise WeightsError(
+                f"weights from {source}: file of {info.st_size} bytes exceeds the limit of {max_bytes} bytes"
+            )
+        chunks: list[bytes] = []
+        remaining = max_bytes + 1
+        while remaining > 0:
+            chunk = handle.read(min(remaining, _READ_CHUNK_BYTES))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            remaining -= len(chunk)
+        if remaining <= 0:
+            raise WeightsError(f"weights from {source}: file exceeds the limit of {max_bytes} bytes")
+        return b"".join(chunks)

@@ -30,10 +30,12 @@ the edge received for the phase.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, TypeVar
 
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -79,6 +81,29 @@ class EdgeReplyError(ValueError):
     def __init__(self, message: str, *, kind: str = "rejected"):
         super().__init__(message)
         self.kind = kind
+
+
+_Parsed = TypeVar("_Parsed")
+
+
+def _reply_parser(parse: Callable[..., _Parsed]) -> Callable[..., _Parsed]:
+    """Any failure while parsing an edge's reply is that reply's fault: it becomes an EdgeReplyError naming the
+    edge, so the server drops that edge instead of stopping the run (the checks below name the common problems;
+    this catches what they miss, e.g. a decoder bug or a JSON text nested too deep)."""
+
+    @functools.wraps(parse)
+    def parse_or_reject(reply: Message, **kwargs: Any) -> _Parsed:
+        try:
+            return parse(reply, **kwargs)
+        except EdgeReplyError:
+            raise
+        except WeightsError as error:
+            raise EdgeReplyError(str(error)) from None
+        except Exception as error:  # the reply is untrusted input
+            source = kwargs.get("source") or f"node {kwargs.get('node_id')}"
+            raise EdgeReplyError(f"{source}: malformed reply ({type(error).__name__}: {error})") from error
+
+    return parse_or_reject
 
 
 def fit_message_type(phase: str) -> str:
@@ -243,6 +268,7 @@ def check_reply_envelope(reply: Message, *, source: str, node_id: int) -> None:
         raise EdgeReplyError(f"{source}: reply came from node {reply.metadata.src_node_id}, expected node {node_id}")
 
 
+@_reply_parser
 def parse_fit_reply(reply: Message, *, source: str, node_id: int, reference: Mapping[str, torch.Tensor],
                     max_bytes: int | None, spec: DataSpec | None = None, transfer: Transfer | None = None,
                     base: Mapping[str, torch.Tensor] | None = None) -> tuple[EdgeReply, TrainData | None, int]:
@@ -276,6 +302,7 @@ def parse_fit_reply(reply: Message, *, source: str, node_id: int, reference: Map
     return parsed, data, data_size
 
 
+@_reply_parser
 def parse_data_reply(reply: Message, *, source: str, node_id: int, spec: DataSpec,
                      max_bytes: int | None) -> tuple[TrainData, int]:
     check_reply_envelope(reply, source=source, node_id=node_id)
@@ -283,6 +310,7 @@ def parse_data_reply(reply: Message, *, source: str, node_id: int, spec: DataSpe
                              num_classes=spec.num_classes, max_bytes=max_bytes)
 
 
+@_reply_parser
 def parse_evaluate_reply(reply: Message, *, source: str, node_id: int,
                          candidates: tuple[str, ...] = ("server",)) -> EdgeEvaluation:
     """Validate an ``evaluate.update`` reply: the accuracies, which model the edge kept (one of ``candidates``,
@@ -323,6 +351,7 @@ class EdgeIdentity:
     mode: str  # "partition" (a share of the run's dataset) or "own" (the edge's own dataset)
 
 
+@_reply_parser
 def parse_hello_reply(reply: Message, *, node_id: int, num_edges: int) -> EdgeIdentity:
     source = f"node {node_id}"
     check_reply_envelope(reply, source=source, node_id=node_id)
