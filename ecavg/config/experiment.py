@@ -189,7 +189,7 @@ def _merge(base: dict[str, Any], override: Mapping[str, Any], checks: Mapping[st
                 raise ConfigError(f"config key {where!r} must be a table, got {value!r}")
             _merge(base[key], value, check, f"{where}.")
             continue
-        if isinstance(value, int) and _is_number(value) and isinstance(base.get(key), float):
+        if isinstance(value, int) and is_number(value) and isinstance(base.get(key), float):
             value = float(value)  # lr = 1 is as good as lr = 1.0
         problem = check(value)
         if problem:
