@@ -69,7 +69,8 @@ def results_table(results: Mapping[str, Any]) -> str:
         f"| averaged weights | {percent(s.get('accuracy_averaged'), '%')} |",
     ]
     if "accuracy_averaged_before_bn_recalibration" in s:
-        lines.append(f"| averaged, before BatchNorm recalibration | {percent(s['accuracy_averaged_before_bn_recalibration'], '%')} |")
+        before = percent(s["accuracy_averaged_before_bn_recalibration"], "%")
+        lines.append(f"| averaged, before BatchNorm recalibration | {before} |")
     if s.get("accuracy_ensemble") is not None:
         lines.append(f"| edges' ensemble (distillation teacher) | {percent(s['accuracy_ensemble'], '%')} |")
     lines.append(f"| fine-tuned / trained | {percent(s.get('accuracy_finetuned'), '%')} |")

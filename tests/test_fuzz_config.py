@@ -72,7 +72,8 @@ def test_defaults_with_leaves_replaced_resolve_or_raise_config_error(fuzz_tally,
 
 def test_known_config_escapes_raise_config_error():
     for user in ([("seed", 1)], "seed = 1", {"edge": {"lr": 10**400}}, {"data": {"ratios": [10**400]}},
-                 {"deploy": {"round_timeout_s": 10**400}}, {"deploy": {1: 2, "a": 3}}, {"deploy": {"max_message_mb": 1e308}}):
+                 {"deploy": {"round_timeout_s": 10**400}}, {"deploy": {1: 2, "a": 3}},
+                 {"deploy": {"max_message_mb": 1e308}}):
         with pytest.raises(ConfigError):
             resolve_config(user)
     for user in ({"\n": 1}, {"data": {"a\nb": 1}}, {"deploy": {"\n": 1}}):  # found by the long fuzz run

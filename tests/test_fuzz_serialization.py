@@ -86,7 +86,8 @@ def mutate(payload: bytes, data) -> bytes:
         elif kind == "header_length" and len(out) >= 8:
             out[:8] = struct.pack("<Q", data.draw(st.one_of(st.integers(0, len(out) + 8), st.integers(0, 2**64 - 1))))
         elif kind == "overwrite" and out:
-            chunk = data.draw(st.sampled_from([b"[", b"]", b"{", b"}", b'"', b"\\", b"\xff", b"1e999", b"-1", b"9" * 40]))
+            chunk = data.draw(st.sampled_from([b"[", b"]", b"{", b"}", b'"', b"\\", b"\xff", b"1e999", b"-1",
+                                               b"9" * 40]))
             out[position : position + len(chunk)] = chunk
     return bytes(out)
 

@@ -140,7 +140,8 @@ def test_reference_mismatch_names_edge_and_tensor(change, key):
     assert "edge-3" in str(info.value) and key in str(info.value)
 
 
-@pytest.mark.parametrize(("key", "value"), [("conv.weight", float("nan")), ("half", float("inf")), ("bf16", -float("inf"))])
+@pytest.mark.parametrize(("key", "value"),
+                         [("conv.weight", float("nan")), ("half", float("inf")), ("bf16", -float("inf"))])
 def test_non_finite_values_are_rejected(key, value):
     state_dict = sample_state_dict()
     state_dict[key].view(-1)[1] = value

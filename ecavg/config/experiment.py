@@ -182,7 +182,8 @@ def _merge(base: dict[str, Any], override: Mapping[str, Any], checks: Mapping[st
                 base[key] = copy.deepcopy(value)
                 continue
             known = ", ".join(sorted(checks))
-            raise ConfigError(f"unknown config key {where!r} (known keys{' in [' + path.rstrip('.') + ']' if path else ''}: {known})")
+            section = f" in [{path.rstrip('.')}]" if path else ""
+            raise ConfigError(f"unknown config key {where!r} (known keys{section}: {known})")
         check = checks[key]
         if isinstance(check, dict):
             if not isinstance(value, Mapping):
@@ -203,16 +204,19 @@ def _check_consistency(cfg: dict[str, Any]) -> None:
         ratios = data["ratios"]
         if len(ratios) != data["num_edges"]:
             raise ConfigError(
-                f"data.ratios has {len(ratios)} entries but data.num_edges is {data['num_edges']}; give one ratio per edge"
+                f"data.ratios has {len(ratios)} entries but data.num_edges is {data['num_edges']}; "
+                "give one ratio per edge"
             )
         if abs(sum(ratios) - 1.0) > 1e-6:
             raise ConfigError(f"data.ratios must sum to 1, they sum to {sum(ratios):g}")
     if cfg["init"] == "pretrained" and not cfg["pretrained"]:
         raise ConfigError("init = \"pretrained\" needs pretrained = \"<path to a local weights file>\"")
     if cfg["pretrained"] and cfg["init"] != "pretrained":
-        raise ConfigError("pretrained is set but init is not \"pretrained\"; set init = \"pretrained\" or remove pretrained")
+        raise ConfigError("pretrained is set but init is not \"pretrained\"; "
+                          "set init = \"pretrained\" or remove pretrained")
     if not cfg["shared_init"] and cfg["init"] != "random":
-        raise ConfigError(f"shared_init = false gives every edge its own random init; it cannot be combined with init = \"{cfg['init']}\"")
+        raise ConfigError("shared_init = false gives every edge its own random init; "
+                          f"it cannot be combined with init = \"{cfg['init']}\"")
     if not cfg["shared_init"] and not strategy_of(cfg).edge_models:
         raise ConfigError(f"shared_init = false has no meaning for strategy = \"{cfg['strategy']}\" "
                           "(there are no edge models)")
@@ -226,7 +230,8 @@ def _check_consistency(cfg: dict[str, Any]) -> None:
 
         if cfg["model"]["name"] not in MATCHABLE_MODELS:
             raise ConfigError(f"aggregation = \"match\" knows how to permute {', '.join(MATCHABLE_MODELS)}; "
-                              f"model.name = \"{cfg['model']['name']}\" is not one of them (use aggregation = \"average\")")
+                              f"model.name = \"{cfg['model']['name']}\" is not one of them "
+                              "(use aggregation = \"average\")")
     if cfg["server_data_fraction"] == 0:
         needs = [what for what, on in (
             (f'strategy = "{cfg["strategy"]}"', strategy_of(cfg).server_training == "required"),
@@ -272,7 +277,8 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except IsADirectoryError:
-        raise ConfigError(f"config file {path} is a directory; give a .toml file (e.g. configs/quickstart.toml)") from None
+        raise ConfigError(f"config file {path} is a directory; give a .toml file "
+                          "(e.g. configs/quickstart.toml)") from None
     except OSError as e:
         raise ConfigError(f"config file {path} cannot be read: {e.strerror or e}") from None
     except UnicodeDecodeError:

@@ -345,7 +345,8 @@ class StreamingAverager:
     def _check_weight(weight: float, name: str) -> float:
         # A real number only: float("2") would turn a string into a weight, float(True) a flag.
         if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
-            raise AggregationError(f"edge {name!r}: weight must be a real number, got {type(weight).__name__} {weight!r}")
+            raise AggregationError(f"edge {name!r}: weight must be a real number, "
+                                   f"got {type(weight).__name__} {weight!r}")
         try:
             value = float(weight)
         except (TypeError, ValueError, OverflowError):
@@ -367,7 +368,8 @@ class StreamingAverager:
                     f"edge {name!r}: tensor {key!r} is a {type(tensor).__name__}, not a torch.Tensor"
                 )
             if not _is_supported_dtype(tensor.dtype):
-                raise AggregationError(f"edge {name!r}: tensor {key!r} has dtype {tensor.dtype}, which cannot be averaged")
+                raise AggregationError(f"edge {name!r}: tensor {key!r} has dtype {tensor.dtype}, "
+                                       "which cannot be averaged")
             template[key] = (tensor.shape, tensor.dtype)
         return template
 
@@ -398,7 +400,8 @@ class StreamingAverager:
                     f"edge {name!r}: tensor {key!r} has shape {tuple(tensor.shape)}, expected {tuple(expected_shape)}"
                 )
             if tensor.dtype != expected_dtype:
-                raise AggregationError(f"edge {name!r}: tensor {key!r} has dtype {tensor.dtype}, expected {expected_dtype}")
+                raise AggregationError(f"edge {name!r}: tensor {key!r} has dtype {tensor.dtype}, "
+                                       f"expected {expected_dtype}")
             if tensor.layout != torch.strided:
                 raise AggregationError(
                     f"edge {name!r}: tensor {key!r} has layout {tensor.layout}; only dense tensors are supported"

@@ -191,7 +191,8 @@ def _validate_tensors(
     if reference is not None:
         missing = reference.keys() - tensors.keys()
         if missing:
-            raise WeightsError(f"weights from {source}: missing tensor(s) {', '.join(repr(k) for k in sorted(missing))}")
+            names = ", ".join(repr(k) for k in sorted(missing))
+            raise WeightsError(f"weights from {source}: missing tensor(s) {names}")
         unexpected = tensors.keys() - reference.keys()
         if unexpected:
             raise WeightsError(
@@ -248,7 +249,8 @@ def _decode(
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise WeightsError(f"weights from {source}: expected bytes, got {type(data).__name__}")
     if max_bytes is not None and len(data) > max_bytes:
-        raise WeightsError(f"weights from {source}: payload of {len(data)} bytes exceeds the limit of {max_bytes} bytes")
+        raise WeightsError(f"weights from {source}: payload of {len(data)} bytes exceeds the limit of "
+                           f"{max_bytes} bytes")
     _read_header(data, source)  # clear message for the common garbage/truncation cases
     try:
         # The library copies each tensor's bytes out of `data`, so the tensors never alias the caller's buffer.
