@@ -431,6 +431,87 @@ def test_pool_refuses_a_federation_that_does_not_fit(task_identity):
         _pool(grid, num_edges=2).connect()
 
 
+NODE_UNAVAILABLE = Error(code=5, reason="Error: Node Unavailable - The destination node failed to report a heartbeat")
+
+
+class VanishingGrid(ScriptedGrid):
+    """A node that the SuperLink stops listing once a message of ``message_type`` was sent to it."""
+
+    def __init__(self, nodes, *, vanishes: int, message_type: str):
+        super().__init__(nodes)
+        self.vanishes, self.message_type, self.gone = vanishes, message_type, False
+
+    def get_node_ids(self):
+        return [n for n in self.nodes if not (self.gone and n == self.vanishes)]
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        self.gone |= any(m.metadata.dst_node_id == self.vanishes and m.metadata.message_type == self.message_type
+                         for m in messages)
+        return super().push_messages(messages)
+
+
+def test_pool_drops_an_edge_whose_supernode_is_gone_without_waiting_for_the_timeout(task_identity):
+    """Node 2 is reported unavailable by the SuperLink (its error reply), node 3 disappears from the node list
+    and never answers: both are dropped within a few liveness checks, not after the 60 s round timeout."""
+    from ecavg.runtime.flower.server import LIVENESS_CHECK_S
+
+    def unavailable_after_hello(partition_id):
+        edge = _scripted_edge(partition_id)
+        return lambda m: edge(m) if m.metadata.message_type == wire.HELLO else NODE_UNAVAILABLE
+
+    grid = VanishingGrid({1: _scripted_edge(0), 2: unavailable_after_hello(1), 3: _scripted_edge(2, "silent")},
+                         vanishes=3, message_type=wire.PRETRAIN)
+    pool = _pool(grid, num_edges=3, min_edges=1, timeout=60.0)
+    pool.connect()
+    started = time.monotonic()
+    replies = list(pool.fit(_reference(), phase="pretrain", epochs=1, only=pool.names))
+    took = time.monotonic() - started
+    assert [r.name for r in replies] == ["edge-0"]
+    assert took < 3 * LIVENESS_CHECK_S + 2, f"the pool waited {took:.1f} s for edges that were gone"
+    assert pool.missing["edge-1"] == ("gone: its SuperNode (node 2) stopped or missed its heartbeats; the SuperLink "
+                                      "reports it unavailable (phase pretrain)")
+    assert pool.missing["edge-2"] == "gone: its SuperNode (node 3) is no longer connected to the SuperLink (phase " \
+                                     "pretrain)"
+    assert set(pool.drop_seconds["pretrain"]) == {"edge-1", "edge-2"}
+    assert pool.drop_seconds["pretrain"]["edge-2"] >= LIVENESS_CHECK_S
+
+
+def test_the_hello_exchange_waits_connect_timeout_not_the_round_timeout(task_identity):
+    def mute_at_hello(message):
+        return None
+
+    grid = ScriptedGrid({1: _scripted_edge(0), 2: mute_at_hello})
+    from ecavg.runtime.flower.server import FlowerEdgePool
+
+    settings = deploy_settings({"min_edges": 1, "round_timeout_s": 3600.0, "connect_timeout_s": 1.5}, num_edges=2)
+    pool = FlowerEdgePool(grid, num_edges=2, settings=settings, spec=SPEC, classes=[str(c) for c in range(10)],
+                          reference=_reference(), upload_data=True, server_data=None)
+    started = time.monotonic()
+    pool.connect()
+    assert 1.5 <= time.monotonic() - started < 10
+    assert pool.nodes == {"edge-0": 1}
+    assert pool.missing["edge-1"].startswith("not connected: no usable SuperNode with partition-id 1 within 1.5 s")
+    assert "SuperNode 2 did not answer query.hello within 1.5 s" in pool.missing["edge-1"]
+
+
+def test_a_push_the_superlink_refuses_drops_every_edge_it_carried(task_identity):
+    class RefusingGrid(ScriptedGrid):
+        def push_messages(self, messages):
+            messages = list(messages)
+            if messages[0].metadata.message_type == wire.PRETRAIN:
+                return []  # what Flower's grid returns when the SuperLink refuses the push as too large
+            return super().push_messages(messages)
+
+    pool = _pool(RefusingGrid({1: _scripted_edge(0), 2: _scripted_edge(1)}), num_edges=2, min_edges=1)
+    pool.connect()
+    from ecavg.runtime.flower.server import EdgeQuorumError
+
+    with pytest.raises(EdgeQuorumError, match="only 0 of 2 edges took part"):
+        list(pool.fit(_reference(), phase="pretrain", epochs=1, only=pool.names))
+    assert pool.missing["edge-0"].startswith("error: the SuperLink did not accept the message")
+
+
 # ---------------------------------------------------------------------------------------------------
 # Real deployments with failing edges, TLS and SuperNode authentication
 # ---------------------------------------------------------------------------------------------------
@@ -624,6 +705,30 @@ def test_the_server_tracks_a_deployed_run(tmp_path, task_identity):
         assert [e.value for e in events] == pytest.approx([v for _, v in values], rel=1e-6), tag
     [final] = acc.Scalars("results/server/accuracy_finetuned")
     assert final.value == pytest.approx(served["server"]["accuracy_finetuned"], rel=1e-6)
+
+
+def test_an_edge_lost_in_the_update_gets_no_weights_file_and_says_why(tmp_path, task_identity):
+    """edge-1's SuperNode is gone when the final weights go out: the run finishes (min_edges = 1), results.json
+    names it missing with accuracy_after null, and no edge-1.safetensors pretends that it was updated."""
+    from ecavg.deploy import prepare_config
+    from ecavg.runtime.flower import run_server
+
+    cfg, section = prepare_config(_quick_config(deploy={"min_edges": 1}), edges=None)
+    run_config = {"ecavg-config": json.dumps(cfg), "ecavg-deploy": json.dumps(section),
+                  "output-dir": str(tmp_path / "served"), "data-dir": ""}
+    grid = InProcessGrid({10: {"partition-id": 0}, 11: {"partition-id": 1}}, run_config)
+    live = grid.nodes[11]
+    grid.nodes[11] = lambda m: NODE_UNAVAILABLE if m.metadata.message_type == wire.UPDATE else live(m)
+    served = run_server(grid, run_config, log_to_output=False)
+    out = tmp_path / "served"
+    edges = {e["name"]: e for e in served["edges"]}
+    assert edges["edge-0"]["missing"] is None and edges["edge-0"]["accuracy_after"] is not None
+    assert edges["edge-1"]["accuracy_before"] is not None and edges["edge-1"]["accuracy_after"] is None
+    assert edges["edge-1"]["missing"].startswith("gone: its SuperNode (node 11)")
+    assert edges["edge-1"]["missing"] == served["missing_edges"]["edge-1"]
+    assert json.loads((out / "results.json").read_text())["edges"][1]["missing"] == edges["edge-1"]["missing"]
+    assert (out / "edge-0.safetensors").exists() and not (out / "edge-1.safetensors").exists()
+    assert "update" in served["deploy"]["dropped_after_s"] and "edge-0" in served["deploy"]["reply_s"]["update"]
 
 
 def test_an_edge_with_its_own_image_folder(tmp_path, task_identity, monkeypatch):

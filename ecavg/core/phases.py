@@ -41,7 +41,7 @@ class Tally:
         self.edges = {
             n: {"name": n, "train_samples": sizes.get(n, (None, None))[0], "test_samples": sizes.get(n, (None, None))[1],
                 "accuracy_before": None, "accuracy_after": None, "accuracy_after_full": None, "update_kept": None,
-                "update_train_samples": None, "update_validation": None, "weights_at_edge": False}
+                "update_train_samples": None, "update_validation": None, "weights_at_edge": False, "missing": None}
             for n in ctx.pool.names
         }
         self.server: dict[str, Any] = {"accuracy_averaged": None, "accuracy_finetuned": None}
@@ -50,6 +50,10 @@ class Tally:
         self._started = time.perf_counter()
 
     def results(self) -> dict[str, Any]:
+        # An edge that dropped out (a deployment) says why; the fields it did not report stay None.
+        for name, reason in self.ctx.pool.missing_edges().items():
+            if name in self.edges:
+                self.edges[name]["missing"] = reason
         return {
             "edges": list(self.edges.values()),
             "server": self.server,
@@ -223,9 +227,10 @@ def server_train(ctx: RunContext, tally: Tally, phase: str, weights: StateDict,
 def update(ctx: RunContext, tally: Tally, weights: StateDict, phase: str = "update") -> dict[str, object]:
     """Step 5: send the final weights to every edge, which makes its final model (``update.mode``) and evaluates
     it. Returns each edge's final weights for the output directory: SAME_AS_SERVER when it kept the server's,
-    its own weights when the runtime hands them over, else KEPT_AT_EDGE (a deployed edge keeps them)."""
+    its own weights when the runtime hands them over, else KEPT_AT_EDGE (a deployed edge keeps them). An edge
+    that did not report (it dropped out of a deployment) has no entry: it was not updated, nothing is written."""
     start = time.perf_counter()
-    final: dict[str, object] = {n: SAME_AS_SERVER for n in ctx.pool.names}
+    final: dict[str, object] = {}
     kept_server = []
     for ev in ctx.pool.evaluate(weights, phase=phase):
         edge = tally.edges[ev.name]
@@ -241,6 +246,7 @@ def update(ctx: RunContext, tally: Tally, weights: StateDict, phase: str = "upda
         record: dict[str, Any] = {"participant": ev.name, "phase": phase, "test_accuracy": ev.accuracy}
         if ev.kept == "server":
             kept_server.append(ev.name)
+            final[ev.name] = SAME_AS_SERVER
         else:
             record.update(kept=ev.kept, test_accuracy_full=ev.accuracy_full)
             edge["accuracy_after_full"] = ev.accuracy_full

@@ -45,6 +45,10 @@ class EdgePool(ABC):
     def training_data(self) -> ImageDataset:
         """The union of the edges' training data, for the server (warm-up, fine-tuning, BN recalibration)."""
 
+    def missing_edges(self) -> dict[str, str]:
+        """Edges that dropped out of the run, each with the reason (only a deployment loses edges)."""
+        return {}
+
     def sizes(self) -> dict[str, tuple[int, int]]:
         """(train samples, test samples) per edge, where known before the edges reply."""
         return {}

@@ -75,4 +75,5 @@ class Outcome:
 
     results: dict[str, Any]
     server_weights: StateDict | None
-    edge_weights: dict[str, StateDict | _WeightsMarker]  # per edge: its own weights, SAME_AS_SERVER or KEPT_AT_EDGE
+    # per edge that took part to the end: its own weights, SAME_AS_SERVER or KEPT_AT_EDGE (a dropped edge: none)
+    edge_weights: dict[str, StateDict | _WeightsMarker]

@@ -5,11 +5,14 @@ code (``ecavg.core.strategies``) that the embedded runtime drives calls it, and 
 into Flower messages to the SuperNodes, waits for their replies within the round timeout, validates every
 reply completely (:mod:`ecavg.runtime.flower.wire`) and hands the strategy what an in-process edge would.
 
-Missing edges: an edge that does not reply in time, replies with an error, or sends a reply that fails
-validation is recorded (``missing_edges`` in results.json, with the reason) and takes no further part in
-the run. A training phase with fewer replies than ``deploy.min_edges`` stops the run with
-:class:`EdgeQuorumError`; the phases and replies that finished stay in ``checkpoints/`` and ``failure.json``
-says what happened.
+Missing edges: an edge that does not reply in time, replies with an error, sends a reply that fails
+validation, or whose SuperNode is gone is recorded (``missing_edges`` in results.json, with the reason) and
+takes no further part in the run. A SuperNode is gone when the SuperLink stops listing it or answers for it
+with Flower's "Node Unavailable" error: it stopped (at once) or missed its heartbeats (Flower 1.42: a SuperNode
+sends one about every 20 s and is given up 2 x 30 s after the last, a fixed interval). The server does not wait
+out ``round_timeout_s`` for such an edge. A training phase with fewer replies than ``deploy.min_edges`` stops
+the run with :class:`EdgeQuorumError`; the phases and replies that finished stay in ``checkpoints/`` and
+``failure.json`` says what happened.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any, Iterator, Mapping
 
 import torch
 from flwr.app import Context, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
 from ecavg.config import resolve_config
@@ -53,8 +57,15 @@ DEPLOY_OWNED = frozenset({"logs", "deploy"})
 POLL_INTERVAL_S = 0.2
 # Messages live a little longer than the server waits for them, then Flower discards them.
 TTL_GRACE_S = 60.0
+# How often, while waiting for replies, the server asks the SuperLink which SuperNodes are still connected.
+LIVENESS_CHECK_S = 2.0
 
 server_app = ServerApp()
+
+
+def _node_unavailable(reply: Message) -> bool:
+    """Whether ``reply`` is the SuperLink's own answer that the destination SuperNode is gone."""
+    return reply.has_error() and reply.error.code == ErrorCode.NODE_UNAVAILABLE
 
 
 
@@ -97,6 +108,9 @@ class FlowerEdgePool(EdgePool):
         self._union: ImageDataset | None = None
         self.data_bytes_up = 0
         self.phase_seconds: dict[str, float] = {}
+        # Per exchange (phase) and edge: seconds from sending to the reply, or to the edge being dropped.
+        self.reply_seconds: dict[str, dict[str, float]] = {}
+        self.drop_seconds: dict[str, dict[str, float]] = {}
 
     # -- EdgePool ---------------------------------------------------------------------------------
 
@@ -223,8 +237,12 @@ class FlowerEdgePool(EdgePool):
         node_of = {f"node {n}": n for n in node_ids}
         claimed: dict[int, int] = {}
         problems = []
-        timeout = min(self.settings.round_timeout_s, max(60.0, self.settings.connect_timeout_s))
+        answered: set[str] = set()
+        # The first message starts each edge's ClientApp (and loads its data): it gets connect_timeout_s of its
+        # own, whatever the round timeout is.
+        timeout = self.settings.connect_timeout_s
         for label, reply in self._exchange(hello, wire.HELLO, "hello", node_of=node_of, timeout=timeout):
+            answered.add(label)
             node = node_of[label]
             try:
                 identity = wire.parse_hello_reply(reply, node_id=node, num_edges=wanted)
@@ -240,6 +258,8 @@ class FlowerEdgePool(EdgePool):
             self.nodes[name] = node
             self.modes[name] = identity.mode
             self._sizes[name] = (identity.train_samples, identity.test_samples)
+        problems += [f"SuperNode {node_of[label]} did not answer {wire.HELLO} within {timeout:g} s"
+                     for label in hello if label not in answered]
         for problem in problems:
             log.warning("a SuperNode could not join: %s", problem)
         for name in self._names:
@@ -255,8 +275,12 @@ class FlowerEdgePool(EdgePool):
 
     def _exchange(self, contents: dict[str, RecordDict], message_type: str, phase: str, *,
                   node_of: dict[str, int] | None = None, timeout: float | None = None) -> Iterator[tuple[str, Message]]:
-        """Send one message per edge, yield (edge, reply) as replies arrive; edges silent past the timeout are
-        recorded as missing (only for edges, not for the anonymous nodes of the hello exchange)."""
+        """Send one message per edge, yield (edge, reply) as replies arrive.
+
+        Edges silent past the timeout, and edges whose SuperNode is gone (the SuperLink no longer lists it, or
+        answers for it with "Node Unavailable"), are recorded as missing at once and not yielded; for the
+        anonymous nodes of the hello exchange (labels that are not edges) every reply is yielded, errors too.
+        """
         node_of = node_of if node_of is not None else self.nodes
         timeout = timeout if timeout is not None else self.settings.round_timeout_s
         if not contents:
@@ -266,32 +290,60 @@ class FlowerEdgePool(EdgePool):
         messages = [Message(contents[label], dst_node_id=node_of[label], message_type=message_type,
                             ttl=timeout + TTL_GRACE_S, group_id=phase) for label in labels]
         message_ids = list(self._grid.push_messages(messages))
+        # Flower returns fewer ids than messages when the SuperLink refused the whole push (payload too large).
+        message_ids += [None] * (len(labels) - len(message_ids))
         pending: dict[str, str] = {}
         for label, message_id in zip(labels, message_ids):
             if message_id:
                 pending[message_id] = label
             elif label in self._names:
-                self._drop(label, phase, "error: the SuperLink did not accept the message for this edge")
+                self._drop(label, phase, "error: the SuperLink did not accept the message for this edge",
+                           after_s=0.0)
         deadline = started + timeout
+        next_liveness_check = started + LIVENESS_CHECK_S
         while pending:
             for reply in self._grid.pull_messages(list(pending)):
                 label = pending.pop(reply.metadata.reply_to_message_id, None)
-                if label is not None:
-                    yield label, reply
-            if not pending or time.monotonic() >= deadline:
+                if label is None:
+                    continue
+                elapsed = time.monotonic() - started
+                if label in self._names and _node_unavailable(reply):
+                    self._drop(label, phase, f"gone: its SuperNode (node {node_of[label]}) stopped or missed its "
+                                             f"heartbeats; the SuperLink reports it unavailable", after_s=elapsed)
+                    continue
+                self.reply_seconds.setdefault(phase, {})[label] = round(elapsed, 3)
+                yield label, reply
+            now = time.monotonic()
+            if not pending or now >= deadline:
                 break
+            if now >= next_liveness_check:
+                connected = set(self._grid.get_node_ids())
+                for message_id, label in list(pending.items()):
+                    if label in self._names and node_of[label] not in connected:
+                        del pending[message_id]
+                        self._drop(label, phase, f"gone: its SuperNode (node {node_of[label]}) is no longer "
+                                                 f"connected to the SuperLink", after_s=now - started)
+                next_liveness_check = now + LIVENESS_CHECK_S
             time.sleep(POLL_INTERVAL_S)
         for label in pending.values():
             if label in self._names:
-                self._drop(label, phase, f"timeout: no reply to {message_type} within {timeout:g} s")
+                self._drop(label, phase, f"timeout: no reply to {message_type} within {timeout:g} s",
+                           after_s=time.monotonic() - started)
         self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + time.monotonic() - started
 
-    def _drop(self, name: str, phase: str, reason: str) -> None:
+    def _drop(self, name: str, phase: str, reason: str, *, after_s: float | None = None) -> None:
         if name in self.missing:
             return
         self.missing[name] = f"{reason} (phase {phase})"
+        record = {"participant": name, "phase": phase, "event": "missing", "reason": self.missing[name]}
+        if after_s is not None:  # how long the phase's exchange had run when the edge was given up
+            self.drop_seconds.setdefault(phase, {})[name] = round(after_s, 3)
+            record["after_s"] = round(after_s, 3)
         log.warning("%s is out of the run: %s", name, self.missing[name])
-        self._emit({"participant": name, "phase": phase, "event": "missing", "reason": self.missing[name]})
+        self._emit(record)
+
+    def missing_edges(self) -> dict[str, str]:
+        return dict(self.missing)
 
     def _check_quorum(self, phase: str, took_part: int) -> None:
         required = self.settings.required_edges(len(self._names))
@@ -422,6 +474,8 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], *, log_to_output: bool
                 "edge_data": dict(pool.modes),
                 "data_bytes_up": pool.data_bytes_up,
                 "phase_wall_s": {k: round(v, 3) for k, v in pool.phase_seconds.items()},
+                "reply_s": pool.reply_seconds,
+                "dropped_after_s": pool.drop_seconds,
                 **({"note": note} if note else {}),
             }})
         log.info("results written to %s", run_dir.path)
