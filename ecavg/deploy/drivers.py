@@ -38,7 +38,7 @@ from ecavg.deploy.flwr_cli import (
 )
 from ecavg.deploy.processes import LocalFederation, Tls, WorkDir
 from ecavg.errors import ConfigError, DeployError
-from ecavg.runtime.setup import FAILURE_FILE, RUN_CONFIG, default_output_dir
+from ecavg.runtime.setup import FAILURE_FILE, RUN_CONFIG, RunDirectory, default_output_dir
 from ecavg.tracking import require_backend
 
 log = logging.getLogger("ecavg")
@@ -173,6 +173,15 @@ def _follow_local_run(federation: LocalFederation, run_id: int, out: Path, logs:
     return results
 
 
+def _record_failure(out: Path, error: DeployError) -> None:
+    """A run that started (its config.json is written) but stopped without results.json or failure.json (the
+    SuperLink died, the run timed out, the ServerApp crashed): the launcher writes failure.json saying why, once
+    every process has been stopped, so nothing writes to the directory after it."""
+    if (out / RUN_CONFIG).exists() and not (out / "results.json").exists() and not (out / FAILURE_FILE).exists():
+        RunDirectory(out).write_failure(error, written_by="the ecavg deploy launcher (the ServerApp wrote no "
+                                                          "failure.json)")
+
+
 def _raise_on_sigterm() -> Any:
     """Turn SIGTERM into KeyboardInterrupt while the federation runs, so the clean-up in ``finally`` runs."""
     def handler(signum: int, frame: object) -> None:
@@ -283,6 +292,9 @@ def deploy_local(
             log.info("submitted run %d", run_id)
 
             return _follow_local_run(federation, run_id, out, logs, timeout_s=timeout_s, started=started)
+    except DeployError as error:
+        _record_failure(out, error)
+        raise
     finally:
         _restore_sigterm(previous_sigterm)
 
@@ -386,5 +398,8 @@ def deploy_simulation(
                      federation.address)
 
             return _follow_local_run(federation, run_id, out, logs, timeout_s=timeout_s, started=started)
+    except DeployError as error:
+        _record_failure(out, error)
+        raise
     finally:
         _restore_sigterm(previous_sigterm)

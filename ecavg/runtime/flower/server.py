@@ -374,6 +374,8 @@ class FlowerEdgePool(EdgePool):
             self._add_data(name, data, size)
         if not self._data:
             raise EdgeQuorumError("data: no edge uploaded its training data, so the server has nothing to train on")
+        # A run whose edges never train (strategy = "centralized") takes part through this upload alone.
+        self._check_quorum("data", sum(1 for n in self._names if n not in self.missing))
 
     def _assemble_union(self) -> ImageDataset:
         """The edges' training sets as one dataset: in the run's original order when every edge holds a
