@@ -115,7 +115,8 @@ def assert_nothing_running(out: Path, workdir: Path | None) -> None:
     helpers = pids.pop("helpers", [])
     assert pids, "the launcher recorded no processes"
     left = live_processes_in_groups(set(pids.values()))
-    left += [f"helper pid {pid}" for pid in helpers if pid in reaper.process_table()]
+    table = reaper.process_table()
+    left += [f"helper pid {pid}" for pid in helpers if pid in table and table[pid][1] != "Z"]
     if workdir is not None:
         left += [f"tagged pid {pid}" for pid in reaper.tagged_processes(workdir)]
     assert not left, f"processes left behind: {left}"
