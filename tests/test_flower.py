@@ -31,15 +31,12 @@ from ecavg.runtime.flower import wire  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 QUICKSTART = REPO / "configs" / "quickstart.toml"
-# The round timeout of the tests that wait for a dead edge to be noticed (it was 30 s). Every phase of the live edge,
-# the first (hello) included, must fit in it: each starts a fresh ClientApp process (Python, torch, the data), a few
-# seconds on an idle machine but 30-50 s on 2 cores at a load average of 12-15 (where 30 s failed too). There,
-# raise it with ECAVG_TEST_ROUND_TIMEOUT_S.
-DEAD_EDGE_TIMEOUT_S = float(os.environ.get("ECAVG_TEST_ROUND_TIMEOUT_S", "20"))
-# How the server learns that edge-1 died: its round timeout, or (with a timeout near a minute or more) the error
-# reply the SuperLink sends once the node has missed its heartbeats (Flower: 2 x 30 s).
-DEAD_EDGE_REASON = (rf"(timeout: no reply to train\.pretrain within {DEAD_EDGE_TIMEOUT_S:g} s"
-                    r"|error: edge-1: error reply \(code 5\): Error: Node Unavailable)")
+# The round timeout of the tests where edge-1 dies. The server does not wait it out: it drops edge-1 when the
+# SuperLink reports its SuperNode gone (Flower 1.42: within 2 x 30 s of its last heartbeat). It only has to be
+# longer than that and than every phase of the live edge (30-60 s each on 2 heavily loaded cores), so that the
+# reason is "gone", never a timeout of either edge.
+DEAD_EDGE_TIMEOUT_S = float(os.environ.get("ECAVG_TEST_ROUND_TIMEOUT_S", "600"))
+DEAD_EDGE_REASON = r"gone: its SuperNode \(node \d+\) (stopped or missed its heartbeats|is no longer connected)"
 
 
 def _quick_config(**overrides) -> dict:
@@ -548,7 +545,7 @@ def test_tls_authenticated_run_goes_on_without_a_dead_edge_and_refuses_strangers
         watchers.append(_kill_when(federation, "edge-1", "Receiving: train.pretrain"))
 
     results = deploy_local(user, edges=2, output_dir=tmp_path / "run", tls=True, node_auth=True,
-                           timeout_s=240, on_started=disturb)
+                           timeout_s=600, on_started=disturb)
     out = Path(results["output_dir"])
     try:
         assert list(results["missing_edges"]) == ["edge-1"]
@@ -556,6 +553,8 @@ def test_tls_authenticated_run_goes_on_without_a_dead_edge_and_refuses_strangers
         edges = {e["name"]: e for e in results["edges"]}
         assert edges["edge-0"]["accuracy_before"] > 0.5 and edges["edge-0"]["accuracy_after"] > 0.5
         assert edges["edge-1"]["accuracy_before"] is None and edges["edge-1"]["accuracy_after"] is None
+        assert edges["edge-1"]["missing"] == results["missing_edges"]["edge-1"]
+        assert not (out / "edge-1.safetensors").exists(), "edge-1 dropped out but has weights written as if updated"
         assert results["server"]["accuracy_finetuned"] > 0.5
         stranger_log = (out / "logs" / "stranger.log").read_text(errors="replace")
         assert "SuperNode authentication is enabled" in stranger_log
@@ -577,7 +576,7 @@ def test_a_run_below_min_edges_stops_with_a_clear_error_and_keeps_what_it_has(tm
     out = tmp_path / "run"
     with pytest.raises(DeployError, match=r"the run stopped: EdgeQuorumError: pretrain: only 1 of 2 edges took "
                                           r"part, but deploy.min_edges requires 2 .*edge-1: " + DEAD_EDGE_REASON):
-        deploy_local(user, edges=2, output_dir=out, timeout_s=240, on_started=disturb)
+        deploy_local(user, edges=2, output_dir=out, timeout_s=600, on_started=disturb)
     try:
         failure = json.loads((out / "failure.json").read_text())
         assert re.match(DEAD_EDGE_REASON, failure["missing_edges"]["edge-1"]), failure["missing_edges"]
