@@ -335,6 +335,8 @@ class FlowerEdgePool(EdgePool):
         if name in self.missing:
             return
         self.missing[name] = f"{reason} (phase {phase})"
+        if after_s is None:  # a reply that was rejected: the edge was given up when it arrived
+            after_s = self.reply_seconds.get(phase, {}).get(name)
         record = {"participant": name, "phase": phase, "event": "missing", "reason": self.missing[name]}
         if after_s is not None:  # how long the phase's exchange had run when the edge was given up
             self.drop_seconds.setdefault(phase, {})[name] = round(after_s, 3)
