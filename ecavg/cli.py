@@ -130,7 +130,7 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
 
 
 def _cmd_certs(args: argparse.Namespace) -> int:
-    from ecavg.certs import CertificateError, make_credentials
+    from ecavg.certs import LOOPBACK_HOSTS, CertificateError, make_credentials, server_hosts
 
     try:
         creds = make_credentials(args.out, hosts=args.hosts, num_nodes=args.nodes, days=args.days,
@@ -139,7 +139,8 @@ def _cmd_certs(args: argparse.Namespace) -> int:
         print(f"ecavg: error: {e}", file=sys.stderr)
         return 2
     print(f"CA:                {creds.ca_cert} (give to every SuperNode; keep {creds.ca_key.name} offline)")
-    print(f"SuperLink TLS:     {creds.server_cert}, {creds.server_key} (valid for {', '.join(args.hosts)})")
+    print(f"SuperLink TLS:     {creds.server_cert}, {creds.server_key} (valid for {', '.join(server_hosts(args.hosts))};"
+          f" {', '.join(LOOPBACK_HOSTS)} always, for Flower's own helper on the server host and for operators there)")
     for private, public in creds.node_keys:
         print(f"SuperNode key:     {private} (stays on the edge host), {public} (register with the SuperLink)")
     return 0
