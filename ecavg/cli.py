@@ -129,6 +129,19 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_gateway(args: argparse.Namespace) -> int:
+    from ecavg.deploy.gateway import make_gateway, run_gateway
+    from ecavg.errors import DeployError
+
+    try:
+        run_gateway(make_gateway(args.listen, args.superlink, certfile=args.ssl_certfile, keyfile=args.ssl_keyfile,
+                                 root_certificates=args.root_certificates))
+    except DeployError as e:
+        print(f"ecavg: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cmd_certs(args: argparse.Namespace) -> int:
     from ecavg.certs import LOOPBACK_HOSTS, CertificateError, make_credentials, server_hosts
 
@@ -139,8 +152,9 @@ def _cmd_certs(args: argparse.Namespace) -> int:
         print(f"ecavg: error: {e}", file=sys.stderr)
         return 2
     print(f"CA:                {creds.ca_cert} (give to every SuperNode; keep {creds.ca_key.name} offline)")
-    print(f"SuperLink TLS:     {creds.server_cert}, {creds.server_key} (valid for {', '.join(server_hosts(args.hosts))};"
-          f" {', '.join(LOOPBACK_HOSTS)} always, for Flower's own helper on the server host and for operators there)")
+    given = [h for h in server_hosts(args.hosts) if h not in LOOPBACK_HOSTS]
+    print(f"SuperLink TLS:     {creds.server_cert}, {creds.server_key} (valid for {', '.join(given)} and, always, "
+          f"{', '.join(LOOPBACK_HOSTS)}: Flower's SuperExec and operators on the server host connect there)")
     for private, public in creds.node_keys:
         print(f"SuperNode key:     {private} (stays on the edge host), {public} (register with the SuperLink)")
     return 0
@@ -241,6 +255,18 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--no-follow", action="store_true", help="return after submitting")
     submit.add_argument("--timeout", type=float, metavar="SECONDS", help="stop following after this long")
     submit.set_defaults(func=_cmd_deploy)
+    gateway = deploy_sub.add_parser(
+        "gateway", help="on the server host: forward only the Fleet API (SuperNodes) to a SuperLink that listens on "
+                        "127.0.0.1, so edges cannot register nodes or submit runs (see docs/deploy.md)")
+    gateway.add_argument("--listen", required=True, metavar="HOST:PORT",
+                         help="where the edges connect, e.g. 0.0.0.0:9092")
+    gateway.add_argument("--superlink", default="127.0.0.1:9093", metavar="HOST:PORT",
+                         help="the SuperLink (default 127.0.0.1:9093)")
+    gateway.add_argument("--ssl-certfile", required=True, help="the SuperLink's certificate (server.crt)")
+    gateway.add_argument("--ssl-keyfile", required=True, help="its key (server.key)")
+    gateway.add_argument("--root-certificates", required=True, metavar="CA.crt",
+                         help="the CA that signed it, to verify the SuperLink")
+    gateway.set_defaults(func=_cmd_gateway)
 
     options = sub.add_parser("options", help="list the strategies, aggregation rules, server objectives, ... and "
                                                  "the config keys each adds")

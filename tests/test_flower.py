@@ -522,7 +522,7 @@ def test_certs_make_a_ca_a_server_certificate_and_node_keys(tmp_path, capsys):
     assert main(["certs", "--out", str(tmp_path / "c"), "--host", "10.1.2.3", "--host", "link.example.org",
                  "--nodes", "2"]) == 0
     # Loopback is always covered (Flower's SuperExec connects to 127.0.0.1), and the output says so.
-    assert "127.0.0.1, ::1, localhost always" in capsys.readouterr().out
+    assert "10.1.2.3, link.example.org and, always, 127.0.0.1, ::1, localhost" in capsys.readouterr().out
     root = tmp_path / "c"
     server = x509.load_pem_x509_certificate((root / "server.crt").read_bytes())
     ca = x509.load_pem_x509_certificate((root / "ca.crt").read_bytes())
