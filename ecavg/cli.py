@@ -142,6 +142,15 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from ecavg.doctor import print_report, run_checks
+
+    report = run_checks(args.role, superlink=args.superlink, root_certificates=args.root_certificates,
+                        ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, auth_key=args.auth_key,
+                        data_dir=args.data_dir, config=args.config)
+    return print_report(report)
+
+
 def _cmd_certs(args: argparse.Namespace) -> int:
     from ecavg.certs import LOOPBACK_HOSTS, CertificateError, make_credentials, server_hosts
 
@@ -271,6 +280,20 @@ def build_parser() -> argparse.ArgumentParser:
     options = sub.add_parser("options", help="list the strategies, aggregation rules, server objectives, ... and "
                                                  "the config keys each adds")
     options.set_defaults(func=_cmd_options)
+
+    doctor = sub.add_parser("doctor", help="pre-flight checks on one host of a Flower deployment: executables, "
+                                           "certificates, keys, the SuperLink's address, the data (docs/deploy.md)")
+    doctor.add_argument("--role", choices=("superlink", "supernode", "operator"), required=True,
+                        help="what this host runs: the SuperLink, a SuperNode (an edge), or flwr/ecavg deploy submit")
+    doctor.add_argument("--superlink", metavar="HOST:PORT", help="the address this host uses for the SuperLink "
+                                                                 "(an edge: the gateway's)")
+    doctor.add_argument("--root-certificates", metavar="CA.crt", help="the CA certificate (ca.crt)")
+    doctor.add_argument("--ssl-certfile", help="the SuperLink's certificate (server.crt), on the server host")
+    doctor.add_argument("--ssl-keyfile", help="the SuperLink's key (server.key), on the server host")
+    doctor.add_argument("--auth-key", metavar="KEY", help="this SuperNode's private key (edge-K)")
+    doctor.add_argument("--data-dir", "-d", help="the directory holding <dataset>/ folders (an edge: its data-dir)")
+    doctor.add_argument("--config", "-c", type=Path, help="the experiment config, to check that its dataset loads")
+    doctor.set_defaults(func=_cmd_doctor)
 
     certs = sub.add_parser("certs", help="make a CA, a SuperLink TLS certificate and SuperNode key pairs")
     certs.add_argument("--out", "-o", type=Path, required=True, help="directory for the files")
