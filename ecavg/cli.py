@@ -113,7 +113,8 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
         else:
             results = deploy_submit(user, superlink=args.superlink, output_dir=str(args.output),
                                     data_dir=args.data_dir, root_certificates=args.root_certificates,
-                                    insecure=args.insecure, timeout_s=args.timeout, follow=not args.no_follow)
+                                    insecure=args.insecure, timeout_s=args.timeout, follow=not args.no_follow,
+                                    pending_timeout_s=args.pending_timeout)
     except DeployError as e:
         print(f"ecavg: error: {e}", file=sys.stderr)
         return 1
@@ -263,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--insecure", action="store_true", help="no TLS (trusted networks only)")
     submit.add_argument("--no-follow", action="store_true", help="return after submitting")
     submit.add_argument("--timeout", type=float, metavar="SECONDS", help="stop following after this long")
+    submit.add_argument("--pending-timeout", type=float, default=120.0, metavar="SECONDS",
+                        help="a run the SuperLink has not started after this long is stopped, with the reason "
+                             "(default 120; 0: do not wait)")
     submit.set_defaults(func=_cmd_deploy)
     gateway = deploy_sub.add_parser(
         "gateway", help="on the server host: forward only the Fleet API (SuperNodes) to a SuperLink that listens on "

@@ -307,6 +307,17 @@ def probe_health(host: str, port: int, ca_path: str | Path | None) -> tuple[int,
     return int(parts[1]), parts[2] if len(parts) > 2 else ""
 
 
+def peer_certificate(host: str, port: int, ca_path: str | Path) -> Any:
+    """The certificate the SuperLink at host:port presents (verified against the CA: chain and host name)."""
+    from cryptography import x509
+
+    context = ssl.create_default_context(cafile=str(ca_path))
+    with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S) as raw:
+        with context.wrap_socket(raw, server_hostname=host) as conn:
+            der = conn.getpeercert(binary_form=True)
+    return x509.load_der_x509_certificate(der)
+
+
 def check_superlink_address(report: Report, role: str, address: str, ca_path: str | Path | None) -> None:
     parsed = split_host_port(address)
     if parsed is None:
@@ -362,15 +373,17 @@ def check_data(report: Report, config: str | Path | None, data_dir: str | None, 
     from ecavg.data import load_dataset
     from ecavg.errors import EcavgError
 
-    try:
-        user = load_toml(Path(config)) if config else {}
-        cfg = resolve_config(user)
-    except EcavgError as e:
-        report.problem(f"the config {config}: {e}")
-        return
     if data_dir is not None and not Path(data_dir).is_dir():
         report.problem(f"the data dir {data_dir} does not exist on this host: create it and put the dataset's folder "
                        "in it (on an edge it is the node config's data-dir)")
+        return
+    if config is None:
+        report.ok(f"data dir {data_dir or '(none)'}; give --config (the experiment) to check that its dataset loads")
+        return
+    try:
+        cfg = resolve_config(load_toml(Path(config)))
+    except EcavgError as e:
+        report.problem(f"the config {config}: {e}")
         return
     dataset = cfg["data"]["dataset"]
     try:
