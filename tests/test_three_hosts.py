@@ -42,7 +42,8 @@ QUICKSTART = REPO / "configs" / "quickstart.toml"
 SUBNET = "10.231.0"  # exists only inside the test's namespaces, so parallel runs of this test do not collide
 ADDRESSES = {"link": f"{SUBNET}.1", "edge0": f"{SUBNET}.10", "edge1": f"{SUBNET}.11", "stranger": f"{SUBNET}.12"}
 SERVER_IP = ADDRESSES["link"]
-LONG_RUNNING = ("flower-superlink", "flower-supernode", "ecavg deploy gateway")
+# Long-running commands (started in the background) -> the name of their output file in the host's logs/.
+LONG_RUNNING = {"flower-superlink": "superlink", "flower-supernode": "supernode", "ecavg deploy gateway": "gateway"}
 RUN_TIMEOUT_S = float(os.environ.get("ECAVG_TEST_THREE_HOSTS_TIMEOUT_S", "1500"))
 
 pytestmark = pytest.mark.deploy
@@ -101,7 +102,7 @@ def background_long_running(text: str, log_dir: str) -> tuple[str, list[str]]:
         if name is None:
             lines.append(line)
             continue
-        label = name.split()[-1]
+        label = LONG_RUNNING[name]
         started.append(label)
         lines.append(f"( exec {command} ) > {log_dir}/{label}.out 2>&1 < /dev/null &")
     return "\n".join(lines), started
@@ -117,6 +118,7 @@ class Lab:
     root: Path
     prefix: str
     namespaces: list[str] = field(default_factory=list)
+    runs: int = 0
 
     def ns(self, host: str) -> str:
         return f"{self.prefix}-{host}"
@@ -136,8 +138,16 @@ class Lab:
         return [*prefix, "bash", "-c", script]
 
     def run(self, host: str, script: str, *, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
-        result = subprocess.run(self.command(host, script), env=self.env(host), cwd=self.home(host),
-                                capture_output=True, text=True, timeout=timeout, check=False)
+        """Run ``script`` on ``host`` and wait for it (not for helpers it left behind: output goes to files, since a
+        helper Flower detaches, e.g. a SuperExec, keeps a pipe open after its SuperNode exited)."""
+        self.runs += 1
+        out, err = (self.home(host) / "logs" / f"run-{self.runs}.{kind}" for kind in ("stdout", "stderr"))
+        with out.open("w") as stdout, err.open("w") as stderr:
+            process = subprocess.run(self.command(host, script), env=self.env(host), cwd=self.home(host),
+                                     stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, timeout=timeout,
+                                     check=False)
+        result = subprocess.CompletedProcess(process.args, process.returncode, out.read_text(errors="replace"),
+                                             err.read_text(errors="replace"))
         if check and result.returncode != 0:
             raise AssertionError(f"on {host}, exit status {result.returncode}:\n{script}\n--- output:\n"
                                  f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}\n{self.logs()}")
