@@ -184,7 +184,8 @@ class FleetGateway:
                 await client_writer.drain()
                 if head.wants_close() or response.wants_close():
                     return
-        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError, OSError) as error:
+        except (BadRequest, ConnectionError, asyncio.IncompleteReadError, ssl.SSLError, OSError, ValueError) as error:
+            # BadRequest/ValueError here: a SuperLink answer the gateway cannot frame; the connection is dropped.
             log.info("gateway: connection from %s ended: %s", peer[0], error or type(error).__name__)
         finally:
             for writer in (client_writer, upstream_writer):
