@@ -4,7 +4,9 @@ authentication key pair per SuperNode (``ecavg certs``).
 * ``ca.crt`` / ``ca.key``: a private CA. Every SuperNode (and the ``flwr`` CLI) gets ``ca.crt`` to verify
   the SuperLink; ``ca.key`` stays offline with whoever issues certificates.
 * ``server.crt`` / ``server.key``: the SuperLink's TLS certificate, valid for the host names and IP
-  addresses the SuperNodes use to reach it (subject alternative names), signed by the CA.
+  addresses the SuperNodes use to reach it (subject alternative names), signed by the CA, and always for
+  loopback (:data:`LOOPBACK_HOSTS`): the SuperLink's own helper (``flower-superexec``) connects to
+  127.0.0.1 over TLS, and so do operators on the server host or through an SSH tunnel.
 * ``nodes/edge-K`` / ``nodes/edge-K.pub``: an EC P-384 key pair in OpenSSH format per SuperNode, for
   Flower's SuperNode authentication: the public key is registered with the SuperLink
   (``flwr supernode register``), the private key never leaves the edge host.
@@ -31,8 +33,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from ecavg.errors import CertificateError
 
 DEFAULT_DAYS = 365
-
-
+# Always in the SuperLink certificate: Flower's SuperExec reaches the SuperLink's Runtime API on 127.0.0.1 (also when
+# the SuperLink listens on 0.0.0.0), and a certificate without it makes every run sit in `pending` without an error.
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 
 @dataclass
 class Credentials:
@@ -68,10 +71,17 @@ def _subject_alternative_names(hosts: list[str]) -> x509.SubjectAlternativeName:
         if not host:
             raise CertificateError("an empty host name was given for the server certificate")
         try:
-            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+            address = ipaddress.ip_address(host)
         except ValueError:
+            address = None
+        if address is not None:
+            if address.is_unspecified:
+                raise CertificateError(f"{host} is an address to listen on, not one to connect to: give the name or "
+                                       "address the SuperNodes use in --superlink")
+            names.append(x509.IPAddress(address))
+        else:
             if any(c in host for c in "/: ") or host.startswith("-"):
-                raise CertificateError(f"{host!r} is neither an IP address nor a DNS name") from None
+                raise CertificateError(f"{host!r} is neither an IP address nor a DNS name")
             names.append(x509.DNSName(host))
     return x509.SubjectAlternativeName(names)
 
@@ -83,9 +93,15 @@ def _validity(days: int) -> tuple[dt.datetime, dt.datetime]:
     return now - dt.timedelta(minutes=5), now + dt.timedelta(days=days)  # small backdate for clock skew
 
 
+def server_hosts(hosts: list[str]) -> list[str]:
+    """The names and addresses the SuperLink certificate covers: ``hosts``, then loopback, each once."""
+    return list(dict.fromkeys([h.strip() for h in hosts] + list(LOOPBACK_HOSTS)))
+
+
 def make_credentials(directory: str | Path, *, hosts: list[str], num_nodes: int = 0, days: int = DEFAULT_DAYS,
                      overwrite: bool = False) -> Credentials:
-    """Write a CA, a SuperLink certificate valid for ``hosts`` and ``num_nodes`` SuperNode key pairs."""
+    """Write a CA, a SuperLink certificate valid for ``hosts`` and loopback (:func:`server_hosts`) and
+    ``num_nodes`` SuperNode key pairs."""
     if not hosts:
         raise CertificateError("give at least one host name or IP address the SuperNodes use to reach the SuperLink")
     if num_nodes < 0:
@@ -93,7 +109,7 @@ def make_credentials(directory: str | Path, *, hosts: list[str], num_nodes: int 
     root = Path(directory)
     creds = Credentials(root, root / "ca.crt", root / "ca.key", root / "server.crt", root / "server.key")
     not_before, not_after = _validity(days)
-    san = _subject_alternative_names(hosts)
+    san = _subject_alternative_names(server_hosts(hosts))
 
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ecavg deployment CA")])

@@ -113,7 +113,8 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
         else:
             results = deploy_submit(user, superlink=args.superlink, output_dir=str(args.output),
                                     data_dir=args.data_dir, root_certificates=args.root_certificates,
-                                    insecure=args.insecure, timeout_s=args.timeout, follow=not args.no_follow)
+                                    insecure=args.insecure, timeout_s=args.timeout, follow=not args.no_follow,
+                                    pending_timeout_s=args.pending_timeout)
     except DeployError as e:
         print(f"ecavg: error: {e}", file=sys.stderr)
         return 1
@@ -129,8 +130,30 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_gateway(args: argparse.Namespace) -> int:
+    from ecavg.deploy.gateway import make_gateway, run_gateway
+    from ecavg.errors import DeployError
+
+    try:
+        run_gateway(make_gateway(args.listen, args.superlink, certfile=args.ssl_certfile, keyfile=args.ssl_keyfile,
+                                 root_certificates=args.root_certificates))
+    except DeployError as e:
+        print(f"ecavg: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from ecavg.doctor import print_report, run_checks
+
+    report = run_checks(args.role, superlink=args.superlink, root_certificates=args.root_certificates,
+                        ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, auth_key=args.auth_key,
+                        data_dir=args.data_dir, config=args.config)
+    return print_report(report)
+
+
 def _cmd_certs(args: argparse.Namespace) -> int:
-    from ecavg.certs import CertificateError, make_credentials
+    from ecavg.certs import LOOPBACK_HOSTS, CertificateError, make_credentials, server_hosts
 
     try:
         creds = make_credentials(args.out, hosts=args.hosts, num_nodes=args.nodes, days=args.days,
@@ -139,7 +162,9 @@ def _cmd_certs(args: argparse.Namespace) -> int:
         print(f"ecavg: error: {e}", file=sys.stderr)
         return 2
     print(f"CA:                {creds.ca_cert} (give to every SuperNode; keep {creds.ca_key.name} offline)")
-    print(f"SuperLink TLS:     {creds.server_cert}, {creds.server_key} (valid for {', '.join(args.hosts)})")
+    given = [h for h in server_hosts(args.hosts) if h not in LOOPBACK_HOSTS]
+    print(f"SuperLink TLS:     {creds.server_cert}, {creds.server_key} (valid for {', '.join(given)} and, always, "
+          f"{', '.join(LOOPBACK_HOSTS)}: Flower's SuperExec and operators on the server host connect there)")
     for private, public in creds.node_keys:
         print(f"SuperNode key:     {private} (stays on the edge host), {public} (register with the SuperLink)")
     return 0
@@ -239,11 +264,40 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--insecure", action="store_true", help="no TLS (trusted networks only)")
     submit.add_argument("--no-follow", action="store_true", help="return after submitting")
     submit.add_argument("--timeout", type=float, metavar="SECONDS", help="stop following after this long")
+    submit.add_argument("--pending-timeout", type=float, default=120.0, metavar="SECONDS",
+                        help="a run the SuperLink has not started after this long is stopped, with the reason "
+                             "(default 120; 0: do not wait)")
     submit.set_defaults(func=_cmd_deploy)
+    gateway = deploy_sub.add_parser(
+        "gateway", help="on the server host: forward only the Fleet API (SuperNodes) to a SuperLink that listens on "
+                        "127.0.0.1, so edges cannot register nodes or submit runs (see docs/deploy.md)")
+    gateway.add_argument("--listen", required=True, metavar="HOST:PORT",
+                         help="where the edges connect, e.g. 0.0.0.0:9092")
+    gateway.add_argument("--superlink", default="127.0.0.1:9093", metavar="HOST:PORT",
+                         help="the SuperLink (default 127.0.0.1:9093)")
+    gateway.add_argument("--ssl-certfile", required=True, help="the SuperLink's certificate (server.crt)")
+    gateway.add_argument("--ssl-keyfile", required=True, help="its key (server.key)")
+    gateway.add_argument("--root-certificates", required=True, metavar="CA.crt",
+                         help="the CA that signed it, to verify the SuperLink")
+    gateway.set_defaults(func=_cmd_gateway)
 
     options = sub.add_parser("options", help="list the strategies, aggregation rules, server objectives, ... and "
                                                  "the config keys each adds")
     options.set_defaults(func=_cmd_options)
+
+    doctor = sub.add_parser("doctor", help="pre-flight checks on one host of a Flower deployment: executables, "
+                                           "certificates, keys, the SuperLink's address, the data (docs/deploy.md)")
+    doctor.add_argument("--role", choices=("superlink", "supernode", "operator"), required=True,
+                        help="what this host runs: the SuperLink, a SuperNode (an edge), or flwr/ecavg deploy submit")
+    doctor.add_argument("--superlink", metavar="HOST:PORT", help="the address this host uses for the SuperLink "
+                                                                 "(an edge: the gateway's)")
+    doctor.add_argument("--root-certificates", metavar="CA.crt", help="the CA certificate (ca.crt)")
+    doctor.add_argument("--ssl-certfile", help="the SuperLink's certificate (server.crt), on the server host")
+    doctor.add_argument("--ssl-keyfile", help="the SuperLink's key (server.key), on the server host")
+    doctor.add_argument("--auth-key", metavar="KEY", help="this SuperNode's private key (edge-K)")
+    doctor.add_argument("--data-dir", "-d", help="the directory holding <dataset>/ folders (an edge: its data-dir)")
+    doctor.add_argument("--config", "-c", type=Path, help="the experiment config, to check that its dataset loads")
+    doctor.set_defaults(func=_cmd_doctor)
 
     certs = sub.add_parser("certs", help="make a CA, a SuperLink TLS certificate and SuperNode key pairs")
     certs.add_argument("--out", "-o", type=Path, required=True, help="directory for the files")

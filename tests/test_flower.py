@@ -592,7 +592,7 @@ def test_a_run_below_min_edges_stops_with_a_clear_error_and_keeps_what_it_has(tm
         _assert_all_stopped(out)
 
 
-def test_certs_make_a_ca_a_server_certificate_and_node_keys(tmp_path):
+def test_certs_make_a_ca_a_server_certificate_and_node_keys(tmp_path, capsys):
     from cryptography import x509
     from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
@@ -601,13 +601,15 @@ def test_certs_make_a_ca_a_server_certificate_and_node_keys(tmp_path):
 
     assert main(["certs", "--out", str(tmp_path / "c"), "--host", "10.1.2.3", "--host", "link.example.org",
                  "--nodes", "2"]) == 0
+    # Loopback is always covered (Flower's SuperExec connects to 127.0.0.1), and the output says so.
+    assert "10.1.2.3, link.example.org and, always, 127.0.0.1, ::1, localhost" in capsys.readouterr().out
     root = tmp_path / "c"
     server = x509.load_pem_x509_certificate((root / "server.crt").read_bytes())
     ca = x509.load_pem_x509_certificate((root / "ca.crt").read_bytes())
     server.verify_directly_issued_by(ca)
     san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["10.1.2.3"]
-    assert san.get_values_for_type(x509.DNSName) == ["link.example.org"]
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["10.1.2.3", "127.0.0.1", "::1"]
+    assert san.get_values_for_type(x509.DNSName) == ["link.example.org", "localhost"]
     for private in ("ca.key", "server.key", "nodes/edge-0", "nodes/edge-1"):
         assert (root / private).stat().st_mode & 0o077 == 0, f"{private} is readable by others"
     load_ssh_private_key((root / "nodes" / "edge-1").read_bytes(), password=None)
@@ -616,6 +618,8 @@ def test_certs_make_a_ca_a_server_certificate_and_node_keys(tmp_path):
         make_credentials(root, hosts=["10.1.2.3"])
     with pytest.raises(CertificateError, match="neither an IP address nor a DNS name"):
         make_credentials(tmp_path / "d", hosts=["http://x"])
+    with pytest.raises(CertificateError, match="0.0.0.0 is an address to listen on"):
+        make_credentials(tmp_path / "e", hosts=["0.0.0.0"])
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -30,8 +30,10 @@ from ecavg.deploy.flwr_cli import (
     RunCli,
     cli_runner,
     flower_command,
+    list_runs,
     run_status,
     save_run_log,
+    stop_run,
     submit_run,
     toml_string,
     write_connection,
@@ -43,6 +45,7 @@ from ecavg.tracking import require_backend
 
 log = logging.getLogger("ecavg")
 
+PENDING_TIMEOUT_S = 120.0  # how long `deploy submit` lets a run sit in `pending` before it says why
 
 
 def write_app(app_dir: Path, cfg: Mapping[str, Any], deploy_section: Mapping[str, Any], *, output_dir: str,
@@ -304,6 +307,59 @@ def deploy_local(
 # ---------------------------------------------------------------------------------------------------
 
 
+def pending_reason(run_id: int, runs: list[dict[str, Any]], *, superlink: str,
+                   root_certificates: str | Path | None) -> str:
+    """Why the SuperLink has not started run ``run_id``, as far as it can be told from outside the server host.
+
+    Flower records no reason: its SuperExec (started by the SuperLink) picks pending runs up and starts their
+    ServerApp, and when it cannot (not on the SuperLink's PATH, or it fails TLS verification on 127.0.0.1) it
+    dies with a traceback on the SuperLink's standard output only, while the run stays ``pending``."""
+    from ecavg.doctor import certificate_names, covers, peer_certificate, split_host_port
+
+    mine = next((r for r in runs if str(r.get("run-id")) == str(run_id)), {})
+    details = str(mine.get("status-details") or "N/A")
+    busy = [str(r.get("run-id")) for r in runs
+            if str(r.get("run-id")) != str(run_id) and str(r.get("status", "")) in ("starting", "running")]
+    if busy:
+        return (f"the SuperLink is busy with run(s) {', '.join(busy)}; if it runs one at a time, wait for them "
+                f"(a longer --pending-timeout) or stop them with `flwr stop RUN`")
+    parsed = split_host_port(superlink)
+    if root_certificates is not None and parsed is not None:
+        try:
+            names = certificate_names(peer_certificate(parsed[0], parsed[1], root_certificates))
+        except OSError:
+            names = None
+        if names is not None and not covers(names, "127.0.0.1"):
+            return ("the SuperLink's certificate does not cover 127.0.0.1 (it covers " + ", ".join(names) + "), so "
+                    "the SuperExec it starts fails TLS verification on 127.0.0.1 and never starts a ServerApp: make "
+                    "the credentials again with `ecavg certs` (it adds loopback) and restart the SuperLink")
+    return (f"Flower's status details: {details}. The SuperLink's SuperExec, which starts the ServerApp, is not "
+            "running: on the server host, flower-superexec must be on the SuperLink's PATH and its certificate must "
+            "cover 127.0.0.1; the SuperLink's standard output (not its --log-file) shows the SuperExec's error, and "
+            "`ecavg doctor --role superlink` checks both")
+
+
+def wait_until_started(run_cli: RunCli, run_id: int, *, pending_timeout_s: float, superlink: str,
+                       root_certificates: str | Path | None, poll_s: float = 2.0) -> str:
+    """Wait while the run is ``pending``; return its next status. A run still pending after ``pending_timeout_s``
+    is stopped and reported with :func:`pending_reason` (a DeployError). ``pending_timeout_s`` <= 0: no wait."""
+    if pending_timeout_s <= 0:
+        return "pending"
+    deadline = time.monotonic() + pending_timeout_s
+    while True:
+        runs = list_runs(run_cli)
+        mine = next((r for r in runs if str(r.get("run-id")) == str(run_id)), None)
+        status = str(mine.get("status", "unknown")) if mine else "unknown"
+        if status not in ("pending", "unknown"):
+            return status
+        if time.monotonic() >= deadline:
+            reason = pending_reason(run_id, runs, superlink=superlink, root_certificates=root_certificates)
+            stopped = "stopped it" if stop_run(run_cli, run_id) else f"stop it with `flwr stop {run_id}`"
+            seen = "is still pending" if mine else "has no status in `flwr ls`"
+            raise DeployError(f"run {run_id} {seen} after {pending_timeout_s:g} s ({stopped}): {reason}")
+        time.sleep(poll_s)
+
+
 def deploy_submit(
     user: Mapping[str, Any],
     *,
@@ -314,11 +370,13 @@ def deploy_submit(
     insecure: bool = False,
     timeout_s: float | None = None,
     follow: bool = True,
+    pending_timeout_s: float = PENDING_TIMEOUT_S,
 ) -> dict[str, Any] | int:
     """Submit the experiment to the SuperLink at ``superlink`` (host:port). ``output_dir`` and ``data_dir`` are
-    paths on the SuperLink's host, where the ServerApp runs. With ``follow``, stream the ServerApp's log until
-    the run ends and return the results (read from ``output_dir`` when it is visible here, else a short
-    status dict); without, return the run id at once."""
+    paths on the SuperLink's host, where the ServerApp runs. A run still ``pending`` after ``pending_timeout_s``
+    (the SuperLink started no ServerApp for it) is stopped, with the reason (:func:`wait_until_started`). With
+    ``follow``, stream the ServerApp's log until the run ends and return the results (read from ``output_dir``
+    when it is visible here, else a short status dict); without, return the run id once the run has started."""
     if (root_certificates is None) == (not insecure):
         raise ConfigError("give --root-certificates CA.crt (TLS) or --insecure (no TLS), not both or neither")
     cfg, deploy_section = prepare_config(user, edges=None)
@@ -330,6 +388,9 @@ def deploy_submit(
         app_dir = write_app(workdir.path / "app", cfg, deploy_section, output_dir=output_dir, data_dir=data_dir)
         run_id = submit_run(run_cli, app_dir)
         log.info("submitted run %d to %s", run_id, superlink)
+        status = wait_until_started(run_cli, run_id, pending_timeout_s=pending_timeout_s, superlink=superlink,
+                                    root_certificates=root_certificates)
+        log.info("run %d is %s", run_id, status)
         if not follow:
             return run_id
         # The ServerApp's log, streamed here until the run ends.

@@ -111,6 +111,25 @@ def submit_run(run_cli: RunCli, app_dir: Path, *, federation_config: Mapping[str
     return int(reply["run-id"])
 
 
+def list_runs(run_cli: RunCli) -> list[dict[str, Any]]:
+    """Every run the SuperLink knows, as ``flwr ls --format json`` reports them (run-id, status, status-details,
+    pending-at, ...); empty when the CLI gave no answer."""
+    result = run_cli(["ls", CONNECTION, "--format", "json"], timeout=60)
+    try:
+        return list(json_from_output(result.stdout).get("runs", []))
+    except ValueError:
+        return []
+
+
+def stop_run(run_cli: RunCli, run_id: int) -> bool:
+    """``flwr stop``; True when Flower confirmed it."""
+    result = run_cli(["stop", str(run_id), CONNECTION, "--format", "json"], timeout=60)
+    try:
+        return bool(json_from_output(result.stdout).get("success"))
+    except ValueError:
+        return False
+
+
 def run_status(run_cli: RunCli, run_id: int) -> str:
     """The run's status as ``flwr ls`` reports it (e.g. ``running``, ``finished:completed``), or ``unknown``."""
     result = run_cli(["ls", CONNECTION, "--run-id", str(run_id), "--format", "json"], timeout=60)

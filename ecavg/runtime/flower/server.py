@@ -255,6 +255,7 @@ class FlowerEdgePool(EdgePool):
                                       f"{identity.partition_id}; give every SuperNode its own")
             claimed[identity.partition_id] = node
             name = self._names[identity.partition_id]
+            log.info("%s is SuperNode %d", name, node)  # `flwr supernode ls` shows node ids only
             self.nodes[name] = node
             self.modes[name] = identity.mode
             self._sizes[name] = (identity.train_samples, identity.test_samples)
