@@ -39,7 +39,7 @@ from ecavg.core.training import TrainingSettings
 from ecavg.core.transfer import Transfer
 from ecavg.core.update import make_update_mode, validation_split
 from ecavg.data import load_dataset
-from ecavg.errors import EdgeSetupError
+from ecavg.errors import DataError, EdgeSetupError
 from ecavg.runtime.flower import wire
 from ecavg.runtime.setup import build_participants, server_share
 
@@ -87,6 +87,17 @@ def node_partition_id(node_config: dict[str, Any]) -> int:
     return value
 
 
+def _load_edge_data(k: int, name: str, data_dir: str | None, *, download: bool = False):
+    """The edge's dataset; a failure names the node-config keys that choose it (fixed when the SuperNode starts)."""
+    try:
+        return load_dataset(name, data_dir, download=download)
+    except DataError as error:
+        raise EdgeSetupError(
+            f"edge-{k}: {error}. This SuperNode reads its data from node config data-dir = "
+            f"{data_dir or '(unset: $ECAVG_DATA_DIR or ./data)'}; the node config is fixed when flower-supernode "
+            f"starts, so restart it with --node-config 'partition-id={k} data-dir=\"DIR\"'") from None
+
+
 def build_local_edge(run_config: dict[str, Any], node_config: dict[str, Any], spec_json: str) -> LocalEdge:
     """This node's EdgeWorker, from the run's config (sent by the server) and the node's own config."""
     cfg = resolve_config(json.loads(str(run_config["ecavg-config"])))
@@ -101,7 +112,7 @@ def build_local_edge(run_config: dict[str, Any], node_config: dict[str, Any], sp
     own_dataset = str(node_config.get("dataset") or "")
     server_spec, server_classes = wire.spec_from_json(spec_json)
     if not own_dataset:
-        splits = load_dataset(cfg["data"]["dataset"], data_dir, download=cfg["data"]["download"])
+        splits = _load_edge_data(k, cfg["data"]["dataset"], data_dir, download=cfg["data"]["download"])
         participants = build_participants(cfg, splits, device)
         worker = participants.edges[k]
         if not wire.same_spec(worker.factory.spec, server_spec) or list(splits.train.classes) != server_classes:
@@ -114,7 +125,7 @@ def build_local_edge(run_config: dict[str, Any], node_config: dict[str, Any], sp
         index = participants.positions[k]
         mode = "partition"
     else:
-        splits = load_dataset(own_dataset, data_dir)
+        splits = _load_edge_data(k, own_dataset, data_dir)
         if list(splits.train.classes) != server_classes:
             raise EdgeSetupError(f"edge-{k}: its dataset {own_dataset} has classes {splits.train.classes}, "
                                  f"the server's "
