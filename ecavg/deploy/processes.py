@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ecavg.deploy import reaper
+import ecavg.deploy.reaper as reaper
 from ecavg.deploy.flwr_cli import (
     RunCli,
     cli_runner,

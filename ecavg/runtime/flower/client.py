@@ -30,6 +30,7 @@ import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+import ecavg.runtime.flower.wire as wire
 from ecavg.config import model_options, resolve_config
 from ecavg.config.deploy import deploy_settings
 from ecavg.core.participants import EdgeWorker, ModelFactory, resolve_device
@@ -40,7 +41,6 @@ from ecavg.core.transfer import Transfer
 from ecavg.core.update import make_update_mode, validation_split
 from ecavg.data import load_dataset
 from ecavg.errors import DataError, EdgeSetupError
-from ecavg.runtime.flower import wire
 from ecavg.runtime.setup import build_participants, server_share
 
 log = logging.getLogger("ecavg")

@@ -30,6 +30,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
+import ecavg.runtime.flower.wire as wire
 from ecavg.config import resolve_config
 from ecavg.config.deploy import (
     DeploySettings,
@@ -45,7 +46,6 @@ from ecavg.core.transfer import EdgeLinks, Transfer
 from ecavg.core.update import make_update_mode
 from ecavg.data import ImageDataset, load_dataset
 from ecavg.errors import DeploymentError, EdgeQuorumError
-from ecavg.runtime.flower import wire
 from ecavg.runtime.setup import RunDirectory, build_participants, execute, prepare_compute
 from ecavg.tracking import require_backend
 
