@@ -7,6 +7,7 @@ Sections (default: training, aggregation, transfer; ``experiments`` joins them i
   transfer     bytes on the wire, safetensors GB/s, compression codecs and their accuracy cost
   experiments  variants of the trainer (threads, memory format, batch size, bf16 autocast, torch.compile)
   e2e          (long, only with --e2e or --sections e2e) CIFAR-10 MobileNetV2 ECAvg end to end
+  scale        (only with --sections scale) ECAvg with 10, 100, 1,000 edges: wall time, peak RSS, checkpoint disk
 
 Every section prints a table and is merged into bench/results/latest.json (schema in bench/README.md).
 """
@@ -34,7 +35,7 @@ from bench.common import (
     write_results,
 )
 
-SECTIONS = ("training", "aggregation", "transfer", "experiments", "e2e")
+SECTIONS = ("training", "aggregation", "transfer", "experiments", "e2e", "scale")
 DEFAULT_SECTIONS = ("training", "aggregation", "transfer")
 
 
@@ -53,6 +54,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(mlp, cnn, resnet18, mobilenet_v2, resnet50)")
     parser.add_argument("--ks", default=None, help="comma-separated K values for the aggregation section")
     parser.add_argument("--no-plain", action="store_true", help="training: skip the plain pipeline")
+    parser.add_argument("--scale-ks", default=None, help="comma-separated numbers of edges for the scale section "
+                                                         "(embedded; default 10,100,1000)")
+    parser.add_argument("--scale-sim-ks", default=None, help="comma-separated numbers of edges for the scale "
+                                                             "section's Flower simulation (default 10,100; '' none)")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR,
                         help="where the plain baseline's extracted JPEG trees live")
@@ -113,6 +118,14 @@ def main(argv: list[str] | None = None) -> int:
 
             body = e2e.run([p.strip() for p in args.e2e_parts.split(",") if p.strip()], data_dir=args.data_dir,
                            cache_dir=args.cache_dir, on_part=save_partial)
+        elif name == "scale":
+            from bench import scale
+
+            def numbers(text: str | None, default: tuple[int, ...]) -> tuple[int, ...]:
+                return default if text is None else tuple(int(k) for k in text.split(",") if k.strip())
+
+            body = scale.run(args.data_dir, numbers(args.scale_ks, scale.DEFAULT_KS),
+                             numbers(args.scale_sim_ks, scale.DEFAULT_SIM_KS))
         else:  # pragma: no cover - selected_sections validates names
             raise AssertionError(name)
         body = {**body, "seconds": time.perf_counter() - section_started,

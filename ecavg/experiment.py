@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ecavg.config import resolve_config
+from ecavg.core.phases import own_weights_reader
 from ecavg.core.transfer import Transfer
 from ecavg.runtime.embedded import EmbeddedEdgePool
 from ecavg.runtime.setup import RunDirectory, build_participants, default_output_dir, execute, prepare_compute
@@ -44,7 +45,8 @@ def run_experiment(
     participants.server.new_model()  # a model that cannot be built fails here, before anything is written
     if resume is None:
         run_dir.start(cfg, str(data_dir) if data_dir is not None else None)
-    pool = EmbeddedEdgePool(participants.edges, participants.union, Transfer.from_config(cfg))
+    pool = EmbeddedEdgePool(participants.edges, participants.union, Transfer.from_config(cfg),
+                            own_weights=own_weights_reader(run_dir.store))
     log.info("%s: %s, %d edges, %s on %s, output %s", cfg["strategy"], cfg["data"]["dataset"],
              cfg["data"]["num_edges"], cfg["model"]["name"], device, run_dir.path)
     return execute(cfg, pool, participants.server, run_dir, runtime="embedded", device=device, load_s=load_s)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -14,6 +15,9 @@ from ecavg.core.serialization import save_state_dict
 from ecavg.formatting import change_pp, percent
 
 SCHEMA_VERSION = 1
+# accuracy.png: its width in inches (1.2 per edge below this) and how many edges at most are named on its axis.
+ACCURACY_PLOT_MAX_WIDTH_IN = 24.0
+ACCURACY_PLOT_MAX_EDGE_LABELS = 20
 
 
 def build_results(cfg: Mapping[str, Any], outcome: Outcome, *, runtime: str, device: str, data_load_s: float,
@@ -95,7 +99,9 @@ def plot_accuracy(results: Mapping[str, Any], path: Path) -> None:
         before.append(e["accuracy_before"])
         after.append(e["accuracy_after"])
     s = results["server"]
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * (len(labels) + 2)), 3.6))
+    # 1.2 inches per edge up to ACCURACY_PLOT_MAX_WIDTH_IN: uncapped, 1,000 edges drew a 132,000-pixel-wide
+    # figure whose rendering alone took ~450 MB, a third of the run's peak memory.
+    fig, ax = plt.subplots(figsize=(min(ACCURACY_PLOT_MAX_WIDTH_IN, max(5.0, 1.2 * (len(labels) + 2))), 3.6))
     xs = list(range(len(labels)))
     width = 0.38
     ax.bar([x - width / 2 for x in xs], [100 * (v or 0) for v in before], width, label="edge before update",
@@ -106,7 +112,8 @@ def plot_accuracy(results: Mapping[str, Any], path: Path) -> None:
     ax.bar([sx - width / 2], [100 * (s.get("accuracy_averaged") or 0)], width, label="server averaged", color="#fdae6b")
     ax.bar([sx + width / 2], [100 * (s.get("accuracy_finetuned") or 0)], width, label="server fine-tuned",
            color="#e6550d")
-    ax.set_xticks(xs + [sx], labels + ["server"])
+    step = max(1, math.ceil(len(labels) / ACCURACY_PLOT_MAX_EDGE_LABELS))  # every step-th edge named
+    ax.set_xticks(xs[::step] + [sx], labels[::step] + ["server"])
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 100)
     ax.set_title(f"{results['strategy']}: {results['dataset']} / {results['model']}")

@@ -200,3 +200,14 @@ def test_plain_convs_round_trip_keeps_state_dict_and_outputs():
     with torch.no_grad():
         assert torch.allclose(model(x), before, atol=1e-4)
     assert use_small_map_convs(model) == 20
+
+
+def test_scale_measures_one_run_in_a_subprocess(tmp_path):
+    from bench import scale
+
+    row = scale.measure(3, tmp_path, tmp_path, dataset="mnist-sample")
+    assert row["exit_code"] == 0, row.get("error")
+    assert row["peak_rss_bytes"] > 50 * 2**20 and row["seconds"] > 0
+    # The default run checkpoints the shared init, a running sum (released), the average and the fine-tune.
+    assert 1 <= row["checkpoint_models"] <= row["checkpoint_peak_models"] <= 3.5
+    assert scale.disk_bytes(tmp_path / "nothing-here") == 0

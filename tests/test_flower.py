@@ -23,6 +23,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 
 from ecavg.config import ConfigError, load_toml, resolve_config  # noqa: E402
 from ecavg.config.deploy import check_data_policy, deploy_settings  # noqa: E402
+from ecavg.core.checkpoint import PhaseStore  # noqa: E402
 from ecavg.core.participants import DataSpec  # noqa: E402
 from ecavg.core.serialization import encode_state_dict  # noqa: E402
 from ecavg.deploy import DeployError, deploy_local  # noqa: E402
@@ -580,10 +581,13 @@ def test_a_run_below_min_edges_stops_with_a_clear_error_and_keeps_what_it_has(tm
     try:
         failure = json.loads((out / "failure.json").read_text())
         assert re.match(DEAD_EDGE_REASON, failure["missing_edges"]["edge-1"]), failure["missing_edges"]
-        # edge-0's pre-training reply (record and weights) is kept, as are the logs of every process.
-        record = json.loads((out / "checkpoints" / "pretrain__edge-0.json").read_text())
+        # edge-0's pre-training reply is kept (its record, and its weights in the running sum: the default
+        # aggregation streams, so no edge's weights are checkpointed on their own), as are the logs of every process.
+        description, tensors = PhaseStore(out / "checkpoints").load_running("pretrain")
+        assert list(description["records"]) == ["edge-0"] and description["aggregator"]["names"] == ["edge-0"]
+        record = description["records"]["edge-0"]
         assert record["num_samples"] == 2000 and 0.5 < record["accuracy"] <= 1.0
-        assert (out / "checkpoints" / "pretrain__edge-0.safetensors").exists()
+        assert tensors and not (out / "checkpoints" / "pretrain__edge-0.safetensors").exists()
         assert not (out / "results.json").exists()
         for name in ("superlink.log", "edge-0.log", "edge-1.log", "server.log", "serverapp.log"):
             assert (out / "logs" / name).exists(), name

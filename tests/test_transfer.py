@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from ecavg.config import ConfigError, load_toml, resolve_config
+from ecavg.core.aggregation import WeightedAverage
 from ecavg.core.codecs import TRANSFER_CODECS, codec
 from ecavg.core.serialization import decode_metadata, encode_state_dict, load_state_dict
 from ecavg.core.transfer import EdgeLinks, Transfer
@@ -165,7 +166,7 @@ def test_fp32_default_is_identical_to_a_run_without_the_section(tmp_path, fp32_r
     explicit = run_experiment(config({"codec": "fp32", "delta": False}), output_dir=tmp_path / "explicit")
     assert deterministic(explicit) == deterministic(default)
     assert default["transfer"] == {"codec": "fp32", "delta": False}
-    same_files(default_out, tmp_path / "explicit", ("server.safetensors", "checkpoints/pretrain__edge-0.safetensors"))
+    same_files(default_out, tmp_path / "explicit", ("server.safetensors", "checkpoints/averaged.safetensors"))
     # The bytes are those of the plain safetensors payloads: two uploads, two pre-training downloads, two updates.
     weights = load_state_dict(default_out / "server.safetensors")
     size = len(encode_state_dict(weights))
@@ -173,9 +174,18 @@ def test_fp32_default_is_identical_to_a_run_without_the_section(tmp_path, fp32_r
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_each_codec_end_to_end_embedded(tmp_path, fp32_run, variant):
+def test_each_codec_end_to_end_embedded(tmp_path, fp32_run, variant, monkeypatch):
     name, delta = VARIANTS[variant]
     fp32, _ = fp32_run
+    # What the server averages is what it decoded (a run that streams the average checkpoints no edge's weights).
+    uploads: dict[str, dict[str, torch.Tensor]] = {}
+    real_add = WeightedAverage.add
+
+    def capturing(self, edge, weights, num_samples):
+        uploads.setdefault(edge, {k: v.clone() for k, v in weights.items()})
+        return real_add(self, edge, weights, num_samples)
+
+    monkeypatch.setattr(WeightedAverage, "add", capturing)
     results = run_experiment(config({"codec": name, "delta": delta}), output_dir=tmp_path / "run")
     assert results["transfer"] == {"codec": name, "delta": delta}
     share = 0.25 if name == "int8" else 0.5
@@ -190,7 +200,7 @@ def test_each_codec_end_to_end_embedded(tmp_path, fp32_run, variant):
         assert abs(results["server"][key] - fp32["server"][key]) <= 0.01, key
     # The server holds what crossed the wire, not what the edge trained: sent whole, every decoded int8 weight is
     # an integer multiple of its row's scale (absmax / 127), every fp16 weight a float16 value.
-    uploaded = load_state_dict(tmp_path / "run" / "checkpoints" / "pretrain__edge-0.safetensors")["hidden.weight"]
+    uploaded = uploads["edge-0"]["hidden.weight"]
     assert uploaded.dtype == torch.float32
     if variant == "int8":
         levels = uploaded / (uploaded.abs().amax(dim=1, keepdim=True) / 127)

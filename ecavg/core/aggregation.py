@@ -8,7 +8,7 @@ edges. A new rule is one class registered in ``AGGREGATORS`` plus the config key
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 import torch
 
@@ -33,6 +33,18 @@ class Aggregator(Option, ABC):
     def result(self, server: ServerWorker) -> StateDict:
         """The global weights. ``server`` builds models and holds the server's data, for rules that need them."""
 
+    # Whether the rule holds a running state of about one model, not every edge's weights: then a run
+    # checkpoints that state (``state``/``restore``) instead of each edge's weights, and --resume needs no K models.
+    streams: ClassVar[bool] = False
+
+    def state(self) -> tuple[dict[str, Any], StateDict]:
+        """The running state after the edges added so far: (a JSON-able description, tensors)."""
+        raise NotImplementedError(f"aggregation = \"{self.name}\" keeps every edge's weights, not a running state")
+
+    def restore(self, description: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
+        """Continue from a ``state`` (the edges it holds count as added)."""
+        raise NotImplementedError(f"aggregation = \"{self.name}\" keeps every edge's weights, not a running state")
+
 
 AGGREGATORS: Registry[Aggregator] = Registry("aggregation", "average", what="aggregation rule")
 
@@ -51,6 +63,14 @@ class WeightedAverage(Aggregator):
 
     def result(self, server: ServerWorker) -> StateDict:
         return self._averager.result()
+
+    streams = True
+
+    def state(self) -> tuple[dict[str, Any], StateDict]:
+        return self._averager.state()
+
+    def restore(self, description: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
+        self._averager = StreamingAverager.from_state(description, tensors)
 
 
 @AGGREGATORS.register

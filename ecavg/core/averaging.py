@@ -24,6 +24,10 @@ times that unit becomes the new unit (the earlier sums are scaled down), so no r
 Integer means are clamped to their dtype's range, and :meth:`StreamingAverager.result` checks that every
 returned value is finite.
 
+``StreamingAverager.state`` / ``from_state`` save and restore the running sums exactly, so that an interrupted
+run resumes from one model's worth of checkpoint instead of every edge's weights (this is why the module is a
+little over 450 lines: the state belongs with the sums it describes).
+
 Every state dict is validated completely before anything is accumulated, so a rejected edge leaves the
 running sums untouched and the caller may carry on without it. Rejections raise :class:`AggregationError`
 with the edge name and the tensor key in the message.
@@ -35,6 +39,7 @@ import math
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -285,7 +290,8 @@ class StreamingAverager:
             raise AggregationError(f"edge {name!r}: a state dict from this edge was already added")
         template = self._template if self._template is not None else self._template_from(state_dict, name)
         tensors = self._check_state_dict(state_dict, template, name)
-        groups = self._groups if self._groups is not None else self._plan(template, tensors)
+        groups = self._groups if self._groups is not None else self._plan(
+            template, {key: t.device for key, t in tensors.items()})
 
         with torch.no_grad():
             staged = [group.gather(tensors) for group in groups]
@@ -328,6 +334,66 @@ class StreamingAverager:
             for key, value in self._bools.items():
                 averaged[key] = value.clone()
         return {key: averaged[key] for key in self._template}
+
+    def state(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """The running sums and what they hold, for a checkpoint: (a JSON-able description, tensors).
+
+        The tensors are the sums themselves (in their accumulator dtype), not copies; ``from_state`` rebuilds an
+        averager that continues bit for bit (the weights are exact Python floats, which JSON keeps exactly).
+        """
+        if self._template is None or self._groups is None or not self._names:
+            raise AggregationError("no state dict has been added: there is no running sum to save")
+        tensors: dict[str, Tensor] = {}
+        for index, group in enumerate(self._groups):
+            if group.flat_sum is not None:
+                tensors[f"flat/{index}"] = group.flat_sum
+            tensors.update({f"sum/{key}": acc for key, acc in zip(group.keys, group.sums)})
+        tensors.update({f"bool/{key}": value for key, value in self._bools.items()})
+        description = {
+            "template": [[key, list(shape), str(dtype).removeprefix("torch.")]
+                         for key, (shape, dtype) in self._template.items()],
+            "names": list(self._names), "total_weight": self._total_weight, "weight_unit": self._weight_unit,
+            "relative_total": self._relative_total,
+        }
+        return description, tensors
+
+    @classmethod
+    def from_state(cls, description: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> StreamingAverager:
+        """The averager ``state`` described (sums on the tensors' device; AggregationError if they disagree)."""
+        try:
+            template = {key: (torch.Size(shape), getattr(torch, dtype))
+                        for key, shape, dtype in description["template"]}
+            names, unit = [str(n) for n in description["names"]], float(description["weight_unit"])
+            total, relative_total = float(description["total_weight"]), float(description["relative_total"])
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise AggregationError(f"a saved running sum has an unreadable description ({error!r})") from None
+        if not template or not names or not all(isinstance(d, torch.dtype) for _, d in template.values()):
+            raise AggregationError("a saved running sum describes no tensors or no edges")
+        averager = cls()
+        averager._groups = cls._plan(template, {key: t.device for key, t in tensors.items()}, prefix="sum/")
+        for index, group in enumerate(averager._groups):
+            wanted = ({f"flat/{index}": (torch.Size([sum(s.numel() for s in group.shapes)]), group.acc_dtype)}
+                      if not group.floating else
+                      {f"sum/{key}": (shape, group.acc_dtype) for key, shape in zip(group.keys, group.shapes)})
+            for name, (shape, dtype) in wanted.items():
+                saved = tensors.get(name)
+                if saved is None or saved.shape != shape or saved.dtype != dtype:
+                    raise AggregationError(f"a saved running sum has no {dtype} tensor {name!r} of shape "
+                                           f"{tuple(shape)}")
+            # Clones: the loaded tensors may share a read-only buffer, and the sums are added to in place.
+            if group.floating:
+                group.sums = [tensors[f"sum/{key}"].clone() for key in group.keys]
+            else:
+                group.flat_sum = tensors[f"flat/{index}"].clone()
+        for key, (shape, dtype) in template.items():
+            if dtype == torch.bool:
+                saved = tensors.get(f"bool/{key}")
+                if saved is None or saved.shape != shape or saved.dtype != torch.bool:
+                    raise AggregationError(f"a saved running sum has no bool tensor {key!r} of shape {tuple(shape)}")
+                averager._bools[key] = saved.clone()
+        averager._template, averager._names, averager._weight_unit = template, names, unit
+        averager._total_weight, averager._relative_total = total, relative_total
+        return averager
 
     # -- validation ---------------------------------------------------------------------------------
 
@@ -412,14 +478,16 @@ class StreamingAverager:
         return tensors
 
     @staticmethod
-    def _plan(template: Mapping[str, tuple[torch.Size, torch.dtype]], tensors: Mapping[str, Tensor]) -> list[_Group]:
-        """Group the averaged (non-bool) tensors by (device, dtype) of the first state dict."""
+    def _plan(template: Mapping[str, tuple[torch.Size, torch.dtype]], devices: Mapping[str, torch.device],
+              prefix: str = "") -> list[_Group]:
+        """Group the averaged (non-bool) tensors by (device, dtype) of the first state dict (``devices``: where
+        each key's tensor is, under ``prefix + key``; CPU for keys it lacks)."""
         groups: dict[tuple[torch.device, torch.dtype], _Group] = {}
         for key, (shape, dtype) in template.items():
             acc_dtype = _accumulator_dtype(dtype)
             if acc_dtype is None:
                 continue
-            device = tensors[key].device
+            device = devices.get(prefix + key, torch.device("cpu"))
             group = groups.get((device, dtype))
             if group is None:
                 group = groups[(device, dtype)] = _Group([], [], device, dtype, acc_dtype)

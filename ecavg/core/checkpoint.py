@@ -2,6 +2,12 @@
 
 A phase is complete when its JSON record exists. The record is written (atomically) after the weights, so a
 crash between the two leaves a phase that is simply redone.
+
+A phase whose edges' replies are streamed into a running aggregate (``average``) has instead one *running*
+checkpoint, ``<phase>.running.safetensors``: the aggregate's tensors plus, in the file's metadata, its description
+and the record of every edge it holds. It is rewritten as a whole (atomically, replacing the previous one) as the
+phase goes, so the tensors and the list of edges they hold can never disagree, and its size does not grow with the
+number of edges.
 """
 
 from __future__ import annotations
@@ -12,7 +18,17 @@ from typing import Any, Mapping
 
 import torch
 
-from ecavg.core.serialization import load_state_dict, save_state_dict, write_bytes_atomic
+from ecavg.core.serialization import (
+    decode_metadata,
+    decode_state_dict,
+    load_state_dict,
+    save_state_dict,
+    write_bytes_atomic,
+)
+from ecavg.errors import WeightsError
+
+# The metadata key of a running checkpoint's JSON description.
+RUNNING_KEY = "ecavg-running"
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -52,3 +68,26 @@ class PhaseStore:
         if with_weights and weights_path.exists():
             weights = load_state_dict(weights_path, name=f"checkpoint {phase}")
         return record, weights
+
+    # -- running checkpoints (one file per phase, replaced as the phase goes) ------------------------------------
+
+    def _running_path(self, phase: str) -> Path:
+        return self.root / f"{phase.replace('/', '__')}.running.safetensors"
+
+    def save_running(self, phase: str, description: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
+        """Replace ``phase``'s running checkpoint: ``tensors`` and a JSON ``description``, in one atomic file."""
+        save_state_dict(self._running_path(phase), tensors, metadata={RUNNING_KEY: json.dumps(description)})
+
+    def load_running(self, phase: str, *,
+                     with_tensors: bool = True) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+        """(description, tensors) of ``phase``'s running checkpoint, or None when there is none (tensors empty
+        without ``with_tensors``: only the description is decoded)."""
+        path = self._running_path(phase)
+        if not path.exists():
+            return None
+        data = path.read_bytes()
+        description = json.loads(decode_metadata(data, name=f"checkpoint {path.name}").get(RUNNING_KEY, "null"))
+        if not isinstance(description, dict):
+            raise WeightsError(f"checkpoint {path} is not a running checkpoint (no {RUNNING_KEY} description)")
+        tensors = decode_state_dict(data, name=f"checkpoint {path.name}") if with_tensors else {}
+        return description, tensors

@@ -109,13 +109,14 @@ def load_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
 
 @dataclass
 class EdgeWorker:
-    """One edge: its own training and test partitions and its current model.
+    """One edge: its own training and test partitions; it holds no model between calls.
 
     ``validation_data`` is the slice of its training data that ``update.mode = "guarded"`` holds out (never
     trained on, by the edge or the server); ``full_test_data`` the run's whole test set where the edge has a
     copy (for ``accuracy_after_full``); ``update_mode`` what the edge does with the server's final model
-    (``ecavg.core.update``; None: the paper's replace). When the mode needs them, the edge keeps its own
-    pre-trained weights (``pretrained_weights``) after pre-training, or receives them back on ``--resume``.
+    (``ecavg.core.update``; None: the paper's replace). When the mode needs them, the runtime hands the edge its
+    own pre-trained weights (``pretrained_weights``) for the update only: the embedded pool reads them from the
+    run's checkpoints, a Flower edge from its node's state (or the server's message, on ``--resume``).
     """
 
     name: str
@@ -126,7 +127,6 @@ class EdgeWorker:
     settings: TrainingSettings
     seed: int
     eval_each_epoch: bool = True
-    model: nn.Module | None = field(default=None, repr=False)
     validation_data: ImageDataset | None = field(default=None, repr=False)
     full_test_data: ImageDataset | None = field(default=None, repr=False)
     update_mode: UpdateMode | None = field(default=None, repr=False)
@@ -164,22 +164,18 @@ class EdgeWorker:
         result = self.evaluate_model(model, self.test_data)
         if history:
             history[-1]["test_accuracy"] = result["accuracy"]
-        self.model = model
-        reply = EdgeReply(name=self.name, weights=cpu_state_dict(model), num_samples=len(self.train_data),
-                          accuracy=result["accuracy"], test_samples=result["samples"], history=history)
-        if phase == "pretrain" and self.update_mode is not None and self.update_mode.needs_own_weights:
-            self.pretrained_weights = reply.weights  # the update compares with or keeps parts of it
-        return reply
+        # Nothing model-sized stays on the edge after it replies (1,000 edges would hold 1,000 models): the
+        # runtime keeps the reply where the update needs it (the run's checkpoints, or a Flower node's state).
+        return EdgeReply(name=self.name, weights=cpu_state_dict(model), num_samples=len(self.train_data),
+                         accuracy=result["accuracy"], test_samples=result["samples"], history=history)
 
     def evaluate_model(self, model: nn.Module, data: ImageDataset) -> dict[str, Any]:
         """``model``'s accuracy, loss and sample count on ``data`` (one of this edge's datasets)."""
         return evaluate(model, self.factory.loader(data, EVAL_BATCH_SIZE, train=False), desc=f"{self.name} evaluate")
 
     def evaluate(self, weights: Mapping[str, torch.Tensor]) -> EdgeEvaluation:
-        """Replace the edge's model with ``weights`` and evaluate it on the edge's test partition."""
-        model = self.new_model(weights)
-        self.model = model
-        result = self.evaluate_model(model, self.test_data)
+        """Evaluate ``weights`` on the edge's test partition (the edge's final model, when the update keeps them)."""
+        result = self.evaluate_model(self.new_model(weights), self.test_data)
         return EdgeEvaluation(name=self.name, accuracy=result["accuracy"], test_samples=result["samples"])
 
     def update(self, weights: Mapping[str, torch.Tensor]) -> EdgeEvaluation:

@@ -18,9 +18,10 @@ from ecavg.core.checkpoint import PhaseStore
 from ecavg.core.objectives import ServerObjective
 from ecavg.core.participants import ServerWorker, derive_seed
 from ecavg.core.pool import EdgePool
-from ecavg.core.records import KEPT_AT_EDGE, SAME_AS_SERVER, StateDict
+from ecavg.core.records import KEPT_AT_EDGE, SAME_AS_SERVER, EdgeReply, StateDict
 from ecavg.core.transfer import Transfer
 from ecavg.data import ImageDataset
+from ecavg.errors import AggregationError
 
 
 @dataclass
@@ -98,6 +99,21 @@ def random_share(data: ImageDataset, fraction: float, seed: int) -> ImageDataset
     return data.subset(keep.sort().values)
 
 
+# How often (seconds of the phase) a streamed phase rewrites its running checkpoint: at most this much edge work is
+# redone after a hard kill. It is also rewritten when the phase ends and when an exception stops it.
+RUNNING_CHECKPOINT_INTERVAL_S = 30.0
+
+
+def streams_checkpoint(cfg: dict[str, Any], aggregator: Aggregator | None, keep: dict[str, StateDict] | None,
+                       restore_own: bool) -> bool:
+    """Whether a phase checkpoints its aggregator's running state instead of each edge's weights: when the rule
+    streams (``average``) and nothing later needs an edge's own weights (``local``, ``distill``, the update
+    modes ``personal`` and ``guarded`` do; so do ``match``, which holds all of them anyway, and
+    ``transfer.delta``, whose next download to an edge is a difference from that edge's upload)."""
+    return (aggregator is not None and aggregator.streams and keep is None and not restore_own
+            and not Transfer.from_config(cfg).delta)
+
+
 def train_edges(ctx: RunContext, tally: Tally, phase: str, weights: StateDict | None, *, epochs: int,
                 aggregator: Aggregator | None = None, keep: dict[str, StateDict] | None = None,
                 checkpoint_edges: bool = True, timing_key: str = "pretrain",
@@ -105,10 +121,23 @@ def train_edges(ctx: RunContext, tally: Tally, phase: str, weights: StateDict | 
     """Edges train from ``weights``; each reply is checkpointed and, if given, streamed into ``aggregator``.
 
     Returns the per-edge records (accuracy, sample counts). With ``checkpoint_edges``, edges that finished
-    before an interruption are loaded from the store instead of training again (FedAvg checkpoints whole
-    rounds instead, so that many rounds do not keep every edge's weights on disk); with ``restore_own``, such
-    an edge gets its checkpointed weights back through the pool, for an update that keeps or compares them.
+    before an interruption are not trained again on ``--resume`` (FedAvg checkpoints whole rounds instead).
+    How they are kept depends on what the run needs later (``streams_checkpoint``):
+
+    * streamed (``average``, the default): one running checkpoint holding the aggregator's running sum and
+      the records of the edges in it (no edge's weights), rewritten every ``RUNNING_CHECKPOINT_INTERVAL_S``
+      seconds, at the phase's end and when an exception stops it; disk stays at about one model whatever
+      the number of edges. ``--resume`` restores the sum and trains again only the edges that replied after
+      the last rewrite (none unless the process was killed hard);
+    * per edge (``local``, ``match``, ``distill``, update modes ``personal``/``guarded``, ``transfer.delta``):
+      each edge's record and weights, so disk grows with the number of edges. ``--resume`` reloads them (with
+      ``restore_own``, the pool gets each edge's own weights back, for an update that keeps or compares them;
+      with ``transfer.delta``, the base of the edge's next download).
     """
+    if checkpoint_edges and streams_checkpoint(ctx.cfg, aggregator, keep, restore_own):
+        assert aggregator is not None
+        return _train_edges_streamed(ctx, tally, phase, weights, epochs=epochs, aggregator=aggregator,
+                                     timing_key=timing_key)
     records: dict[str, dict[str, Any]] = {}
     aggregate_s = 0.0
     missing = []
@@ -136,11 +165,7 @@ def train_edges(ctx: RunContext, tally: Tally, phase: str, weights: StateDict | 
     if missing:
         start = time.perf_counter()
         for reply in ctx.pool.fit(weights, phase=phase, epochs=epochs, only=missing):
-            seconds = time.perf_counter() - start
-            record = {"num_samples": reply.num_samples, "accuracy": reply.accuracy, "test_samples": reply.test_samples,
-                      "bytes_up": reply.bytes_up, "bytes_down": reply.bytes_down, "seconds": seconds}
-            for m in reply.history:
-                ctx.emit({"participant": reply.name, "phase": phase, **m})
+            record = _reply_record(ctx, phase, reply, time.perf_counter() - start)
             if aggregator is not None:
                 t = time.perf_counter()
                 aggregator.add(reply.name, reply.weights, reply.num_samples)
@@ -150,15 +175,93 @@ def train_edges(ctx: RunContext, tally: Tally, phase: str, weights: StateDict | 
             if keep is not None:
                 keep[reply.name] = reply.weights
             records[reply.name] = record
-            tally.timing[timing_key] += seconds
+            tally.timing[timing_key] += record["seconds"]
             start = time.perf_counter()
+    _tally_records(tally, records, aggregate_s)
+    return records
+
+
+def _reply_record(ctx: RunContext, phase: str, reply: EdgeReply, seconds: float) -> dict[str, Any]:
+    """The checkpointed record of one reply (everything but its weights); its epochs go to metrics.jsonl."""
+    for m in reply.history:
+        ctx.emit({"participant": reply.name, "phase": phase, **m})
+    return {"num_samples": reply.num_samples, "accuracy": reply.accuracy, "test_samples": reply.test_samples,
+            "bytes_up": reply.bytes_up, "bytes_down": reply.bytes_down, "seconds": seconds}
+
+
+def _tally_records(tally: Tally, records: dict[str, dict[str, Any]], aggregate_s: float) -> None:
     for name, record in records.items():
         tally.bytes["uplink"] += record["bytes_up"]
         tally.bytes["downlink"] += record["bytes_down"]
         edge = tally.edges[name]
         edge["train_samples"], edge["test_samples"] = record["num_samples"], record["test_samples"]
     tally.timing["aggregate"] += aggregate_s
+
+
+def _train_edges_streamed(ctx: RunContext, tally: Tally, phase: str, weights: StateDict | None, *, epochs: int,
+                          aggregator: Aggregator, timing_key: str) -> dict[str, dict[str, Any]]:
+    """``train_edges`` for a streaming aggregator: the running checkpoint holds its state and the edges' records."""
+    records: dict[str, dict[str, Any]] = {}
+    aggregate_s = 0.0
+    saved = ctx.store.load_running(phase)
+    if saved is not None:
+        description, tensors = saved
+        records = dict(description["records"])
+        if description["aggregator"] is not None:
+            aggregator.restore(description["aggregator"], tensors)
+        elif len(records) < len(ctx.pool.names):  # released only after the aggregate phase, which needs every edge
+            raise AggregationError(f"checkpoint {phase}: the running sum was released before every edge replied; "
+                                   "the run cannot be resumed, start it again")
+        del tensors
+        for record in records.values():
+            tally.timing[timing_key] += record["seconds"]
+    missing = [n for n in ctx.pool.names if n not in records]
+    if missing:
+        unsaved = 0
+        last_save = start = time.perf_counter()
+
+        def save() -> None:
+            nonlocal unsaved, last_save
+            description, tensors = aggregator.state()
+            ctx.store.save_running(phase, {"records": records, "aggregator": description}, tensors)
+            unsaved, last_save = 0, time.perf_counter()
+
+        try:
+            for reply in ctx.pool.fit(weights, phase=phase, epochs=epochs, only=missing):
+                record = _reply_record(ctx, phase, reply, time.perf_counter() - start)
+                t = time.perf_counter()
+                aggregator.add(reply.name, reply.weights, reply.num_samples)
+                aggregate_s += time.perf_counter() - t
+                records[reply.name] = record
+                unsaved += 1
+                tally.timing[timing_key] += record["seconds"]
+                if time.perf_counter() - last_save >= RUNNING_CHECKPOINT_INTERVAL_S:
+                    save()
+                start = time.perf_counter()
+        finally:  # the phase's end, or an exception (an edge's error, a quorum lost, Ctrl-C): keep what replied
+            if unsaved:
+                save()
+    _tally_records(tally, records, aggregate_s)
     return records
+
+
+def release_running_sum(ctx: RunContext, phase: str) -> None:
+    """Once the phase's aggregate is checkpointed, its running checkpoint keeps only the edges' records (the sum
+    is no longer needed by --resume, and dropping it keeps the run's checkpoints within ~3 models)."""
+    saved = ctx.store.load_running(phase, with_tensors=False)
+    if saved is not None and saved[0]["aggregator"] is not None:
+        ctx.store.save_running(phase, {**saved[0], "aggregator": None}, {})
+
+
+def own_weights_reader(store: PhaseStore, phase: str = "pretrain") -> Callable[[str], StateDict | None]:
+    """Edge ``name``'s own weights from its ``phase`` checkpoint (None when there is none): kept per edge on disk
+    whenever the update mode needs them (``streams_checkpoint``), so a runtime need not hold K models in memory."""
+
+    def read(name: str) -> StateDict | None:
+        cached = store.load(f"{phase}/{name}")
+        return cached[1] if cached is not None else None
+
+    return read
 
 
 def pretrain(ctx: RunContext, tally: Tally, *, aggregator: Aggregator | None = None,
@@ -175,9 +278,9 @@ def pretrain(ctx: RunContext, tally: Tally, *, aggregator: Aggregator | None = N
         tally.edges[name]["accuracy_before"] = record["accuracy"]
 
 
-def aggregate(ctx: RunContext, tally: Tally, aggregator: Aggregator) -> StateDict:
-    """Step 3: the aggregator's result (the edges were streamed in), optionally with BatchNorm statistics
-    recomputed on the server's data."""
+def aggregate(ctx: RunContext, tally: Tally, aggregator: Aggregator, edges_phase: str = "pretrain") -> StateDict:
+    """Step 3: the aggregator's result (the edges of ``edges_phase`` were streamed in), optionally with BatchNorm
+    statistics recomputed on the server's data. Once it is checkpointed, the running sum is released."""
     cached = ctx.store.load("averaged")
     if cached is not None:
         record, averaged = cached
@@ -194,6 +297,7 @@ def aggregate(ctx: RunContext, tally: Tally, aggregator: Aggregator) -> StateDic
                 record["accuracy"] = ctx.server.evaluate(averaged)
         ctx.store.save("averaged", record, averaged)
         ctx.emit({"participant": "server", "phase": "aggregate", "test_accuracy": record["accuracy"]})
+    release_running_sum(ctx, edges_phase)
     tally.timing["aggregate"] += record["seconds"]
     tally.server["accuracy_averaged"] = record["accuracy"]
     if "accuracy_before_bn_recalibration" in record:

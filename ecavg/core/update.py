@@ -148,7 +148,6 @@ class UpdateMode(Option, ABC):
         model = edge.new_model(made.weights)
         result = edge.evaluate_model(model, edge.test_data)
         full = edge.evaluate_model(model, edge.full_test_data)["accuracy"] if edge.full_test_data is not None else None
-        edge.model = model
         return EdgeEvaluation(name=edge.name, accuracy=result["accuracy"], test_samples=result["samples"],
                               accuracy_full=full, weights=made.weights, **extras)
 

@@ -8,23 +8,30 @@ what they would hold in a deployment, and the same validation runs.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 
 from ecavg.core.participants import EdgeWorker
 from ecavg.core.pool import EdgePool
-from ecavg.core.records import EdgeEvaluation, EdgeReply
+from ecavg.core.records import EdgeEvaluation, EdgeReply, StateDict
 from ecavg.core.transfer import EdgeLinks, Transfer
 from ecavg.data import ImageDataset
 
 
 class EmbeddedEdgePool(EdgePool):
-    def __init__(self, edges: list[EdgeWorker], union: ImageDataset, transfer: Transfer | None = None):
+    """``own_weights(name)``: edge ``name``'s own pre-trained weights, for update modes that keep or compare them
+    (``personal``, ``guarded``). They are read when the edge's update comes and dropped after it, so that the
+    process never holds K models: the run passes a reader of its per-edge checkpoints
+    (``ecavg.core.phases.own_weights_reader``)."""
+
+    def __init__(self, edges: list[EdgeWorker], union: ImageDataset, transfer: Transfer | None = None,
+                 own_weights: Callable[[str], StateDict | None] | None = None):
         self._edges = {e.name: e for e in edges}
         self._union = union
         # One copy of each edge's last upload stands for both ends of its link (the same decoded tensors).
         self._links = EdgeLinks(transfer)
+        self._own_weights = own_weights
 
     @property
     def names(self) -> list[str]:
@@ -58,11 +65,18 @@ class EmbeddedEdgePool(EdgePool):
     def evaluate(self, weights: Mapping[str, torch.Tensor], *, phase: str) -> Iterator[EdgeEvaluation]:
         download = self._links.download(weights)
         for edge in self._edges.values():
-            evaluation = edge.update(download.received(edge.name))
+            needs_own = edge.update_mode is not None and edge.update_mode.needs_own_weights
+            if needs_own and self._own_weights is not None:
+                edge.pretrained_weights = self._own_weights(edge.name)
+            try:
+                evaluation = edge.update(download.received(edge.name))
+            finally:
+                if needs_own:
+                    edge.pretrained_weights = None
             yield dataclasses.replace(evaluation, bytes_down=len(download.payload(edge.name)))
 
     def restore_own_weights(self, name: str, weights: Mapping[str, torch.Tensor]) -> None:
-        self._select([name])[0].pretrained_weights = dict(weights)
+        """Nothing to do: an edge's own weights are read from the run's checkpoints when its update comes."""
 
     def restore_upload(self, name: str, weights: Mapping[str, torch.Tensor]) -> None:
         self._links.remember_upload(name, dict(weights))

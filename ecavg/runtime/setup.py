@@ -229,11 +229,16 @@ class RunDirectory:
         if not path.exists():
             return
         kept = []
+        streamed: dict[str, set[str]] = {}  # per phase, the edges its running checkpoint holds
         for line in path.read_text().splitlines():
             try:
                 record = json.loads(line)
                 phase = _STORED_AS.get(record["phase"], record["phase"])
-                finished = self.store.has(phase) or self.store.has(f"{phase}/{record['participant']}")
+                if phase not in streamed:
+                    running = self.store.load_running(phase, with_tensors=False)
+                    streamed[phase] = set(running[0]["records"]) if running is not None else set()
+                finished = (self.store.has(phase) or self.store.has(f"{phase}/{record['participant']}")
+                            or record["participant"] in streamed[phase])
             except (ValueError, KeyError, TypeError):
                 finished = False  # a line cut short by the interruption
             if finished:

@@ -285,7 +285,10 @@ def update(message: Message, context: Context) -> Message:
     if _needs_own_weights(edge):
         # Never from this process's memory: a deployment starts a fresh process per message.
         edge.worker.pretrained_weights = _own_weights(message, context, edge)
-    evaluation = edge.worker.update(weights)
+    try:
+        evaluation = edge.worker.update(weights)
+    finally:  # a long-lived process (the simulation's) caches its edges: they keep no model between messages
+        edge.worker.pretrained_weights = None
     log.info("%s update: kept %s, test accuracy %.4f on %d samples", edge.worker.name, evaluation.kept,
              evaluation.accuracy, evaluation.test_samples)
     metrics: dict[str, Any] = {"accuracy": float(evaluation.accuracy), "test-samples": evaluation.test_samples,
