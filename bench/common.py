@@ -19,6 +19,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from ecavg.fileio import write_text_atomic
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 LATEST = RESULTS_DIR / "latest.json"
@@ -212,7 +214,5 @@ def write_results(sections: dict[str, Any], *, path: Path = LATEST, command: lis
         "machine": machine_info(),
         "sections": merged_sections,
     }
-    temp = path.with_suffix(".json.tmp")
-    temp.write_text(json.dumps(document, indent=2, default=str) + "\n")
-    os.replace(temp, path)
+    write_text_atomic(path, json.dumps(document, indent=2, default=str) + "\n")
     return path

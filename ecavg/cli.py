@@ -212,7 +212,8 @@ class _UsageError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ecavg", description="Edge-cloud collaborative learning with averaged weights.")
+    parser = argparse.ArgumentParser(prog="ecavg",
+                                     description="Edge-cloud collaborative learning with averaged weights.")
     parser.add_argument("--version", action="version", version=f"ecavg {__version__}")
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)

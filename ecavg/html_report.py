@@ -16,8 +16,8 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from ecavg.core.checkpoint import write_text_atomic
 from ecavg.errors import ConfigError
+from ecavg.fileio import write_text_atomic
 from ecavg.formatting import change_pp, percent
 from ecavg.report_charts import (
     accuracy_figure,

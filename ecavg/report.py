@@ -9,9 +9,9 @@ import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
-from ecavg.core.checkpoint import write_text_atomic
 from ecavg.core.records import KEPT_AT_EDGE, SAME_AS_SERVER, Outcome
 from ecavg.core.serialization import save_state_dict
+from ecavg.fileio import atomic_path, write_text_atomic
 from ecavg.formatting import change_pp, percent
 
 SCHEMA_VERSION = 1
@@ -120,10 +120,9 @@ def plot_accuracy(results: Mapping[str, Any], path: Path) -> None:
     # Below the axes, so that it never hides a bar.
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=4, frameon=False)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ecavg.config import ConfigError, apply_overrides, parse_override, resolve_config
-from ecavg.core.checkpoint import write_text_atomic
 from ecavg.experiment import run_experiment
+from ecavg.fileio import atomic_path, write_text_atomic
 from ecavg.formatting import mean_std, percent
 from ecavg.runtime.setup import RUN_CONFIG
 from ecavg.tracking import require_backend
@@ -211,7 +211,6 @@ def _plot(path: Path, keys: list[str], rows: list[dict[str, Any]]) -> None:
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.35 if len(rows) > 4 else -0.12), ncol=4,
               frameon=False)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
     plt.close(fig)
-    tmp.replace(path)

@@ -23,16 +23,12 @@ from ecavg.core.serialization import (
     decode_state_dict,
     load_state_dict,
     save_state_dict,
-    write_bytes_atomic,
 )
 from ecavg.errors import WeightsError
+from ecavg.fileio import write_text_atomic
 
 # The metadata key of a running checkpoint's JSON description.
 RUNNING_KEY = "ecavg-running"
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    write_bytes_atomic(path, text.encode())
 
 
 class PhaseStore:
@@ -58,7 +54,8 @@ class PhaseStore:
             save_state_dict(weights_path, weights)
         write_text_atomic(record_path, json.dumps({"phase": phase, **record}, indent=1))
 
-    def load(self, phase: str, *, with_weights: bool = True) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None] | None:
+    def load(self, phase: str, *, with_weights: bool = True
+             ) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None] | None:
         """(record, weights) of a finished phase, or None when the phase has not finished."""
         weights_path, record_path = self._paths(phase)
         if not record_path.exists():

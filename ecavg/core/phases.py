@@ -40,7 +40,8 @@ class Tally:
         self.ctx = ctx
         sizes = ctx.pool.sizes()
         self.edges = {
-            n: {"name": n, "train_samples": sizes.get(n, (None, None))[0], "test_samples": sizes.get(n, (None, None))[1],
+            n: {"name": n, "train_samples": sizes.get(n, (None, None))[0],
+                "test_samples": sizes.get(n, (None, None))[1],
                 "accuracy_before": None, "accuracy_after": None, "accuracy_after_full": None, "update_kept": None,
                 "update_train_samples": None, "update_validation": None, "weights_at_edge": False, "missing": None}
             for n in ctx.pool.names

@@ -17,7 +17,6 @@ import os
 import re
 import stat
 import struct
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from safetensors.torch import save as _safetensors_save
 from torch import Tensor
 
 from ecavg.errors import WeightsError
+from ecavg.fileio import write_bytes_atomic
 
 __all__ = [
     "WeightsError",
@@ -37,7 +37,6 @@ __all__ = [
     "load_state_dict",
     "save_state_dict",
     "state_dict_nbytes",
-    "write_bytes_atomic",
 ]
 
 # safetensors layout: an 8-byte little-endian header length, a JSON header, then the raw tensor bytes.
@@ -296,44 +295,6 @@ def save_state_dict(
     are created. I/O failures propagate as OSError after the temporary file is removed.
     """
     write_bytes_atomic(path, encode_state_dict(state_dict, metadata))
-
-
-def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: a temporary file in the same directory, fsync, ``os.replace``.
-
-    Readers see either the old file or the complete new one. Missing parent directories are created. I/O
-    failures propagate as OSError after the temporary file is removed.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp_name, target)
-    except BaseException:
-        try:
-            os.unlink(temp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_directory(target.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    # Makes the rename itself durable on POSIX; not possible (nor needed) on every platform.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def load_state_dict(

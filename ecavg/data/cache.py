@@ -11,12 +11,11 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 from ecavg.errors import DataError
+from ecavg.fileio import atomic_path, write_text_atomic
 
 from .dataset import DatasetSplits, DataSource, ImageDataset
 
@@ -106,7 +105,8 @@ class DatasetCache:
                 "test_images": splits.test.images.contiguous(),
                 "test_labels": splits.test.labels.contiguous(),
             }
-            _atomic_write(tensors_path, lambda tmp: save_file(tensors, str(tmp)))
+            with atomic_path(tensors_path) as tmp:
+                save_file(tensors, str(tmp))
             meta = {
                 "format_version": CACHE_FORMAT_VERSION,
                 "dataset": splits.name,
@@ -118,19 +118,7 @@ class DatasetCache:
                 "tensor_bytes": tensors_path.stat().st_size,
             }
             # The JSON is written last: a cache entry counts only once both files are complete.
-            _atomic_write(meta_path, lambda tmp: tmp.write_text(json.dumps(meta, indent=1), encoding="utf-8"))
+            write_text_atomic(meta_path, json.dumps(meta, indent=1))
         except Exception as err:  # noqa: BLE001 - a read-only or full disk must not stop the experiment
             warnings.warn(f"could not write dataset cache {tensors_path} ({type(err).__name__}: {err})",
                           RuntimeWarning, stacklevel=3)
-
-
-def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

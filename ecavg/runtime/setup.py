@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from ecavg.config import model_options, resolve_config
-from ecavg.core.checkpoint import PhaseStore, write_text_atomic
+from ecavg.core.checkpoint import PhaseStore
 from ecavg.core.participants import DataSpec, EdgeWorker, ModelFactory, ServerWorker, derive_seed, resolve_device
 from ecavg.core.phases import RunContext
 from ecavg.core.pool import EdgePool
@@ -38,6 +38,7 @@ from ecavg.data import (
     stratified_share,
 )
 from ecavg.errors import ConfigError
+from ecavg.fileio import write_text_atomic
 from ecavg.report import build_results, write_outputs
 from ecavg.tracking import make_tracker
 
