@@ -29,6 +29,7 @@ import pytest
 pytest.importorskip("flwr", reason="the Flower runtime needs the flower extra (pip install 'ecavg[flower]')")
 
 from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE  # noqa: E402
+from test_flower import live_processes_in_groups  # noqa: E402
 
 from ecavg.config import load_toml  # noqa: E402
 from ecavg.deploy import DeployError, LocalFederation, deploy_local, reaper  # noqa: E402
@@ -93,21 +94,6 @@ class Disturbance:
                 time.sleep(0.05)
 
         threading.Thread(target=watch, daemon=True).start()
-
-
-def live_processes_in_groups(groups: set[int]) -> list[str]:
-    alive = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ", comm may hold spaces
-        if int(fields[2]) in groups and fields[0] != "Z":
-            alive.append(f"pid {entry.name} ({stat[stat.index('(') + 1:stat.rindex(')')]})")
-    return alive
 
 
 def assert_nothing_running(out: Path, workdir: Path | None) -> None:

@@ -27,6 +27,7 @@ from ecavg.core.checkpoint import PhaseStore  # noqa: E402
 from ecavg.core.participants import DataSpec  # noqa: E402
 from ecavg.core.serialization import encode_state_dict  # noqa: E402
 from ecavg.deploy import DeployError, deploy_local  # noqa: E402
+from ecavg.deploy.reaper import process_stats  # noqa: E402
 from ecavg.experiment import run_experiment  # noqa: E402
 from ecavg.runtime.flower import wire  # noqa: E402
 
@@ -56,22 +57,10 @@ def _quick_config(**overrides) -> dict:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _live_processes_in_groups(groups: set[int]) -> list[str]:
+def live_processes_in_groups(groups: set[int]) -> list[str]:
     """Processes (not zombies) whose process group is one the launcher created."""
-    alive = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # pid (comm) state ppid pgrp ...; comm may hold spaces, so split after the last ')'
-        fields = stat[stat.rindex(")") + 2:].split()
-        state, pgrp = fields[0], int(fields[2])
-        if pgrp in groups and state != "Z":
-            alive.append(f"pid {entry.name} ({stat[stat.index('(') + 1:stat.rindex(')')]})")
-    return alive
+    return [f"pid {pid} ({name})" for pid, name, fields in process_stats()
+            if int(fields[2]) in groups and fields[0] != "Z"]
 
 
 def _assert_all_stopped(out: Path) -> None:
@@ -81,7 +70,7 @@ def _assert_all_stopped(out: Path) -> None:
     helpers = pids.pop("helpers", [])
     assert pids and helpers, "the launcher recorded no processes"
     groups = set(pids.values())
-    left = _live_processes_in_groups(groups) + [
+    left = live_processes_in_groups(groups) + [
         f"helper pid {pid}" for pid in helpers
         if Path(f"/proc/{pid}/stat").exists() and (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
                                                    != "Z")]

@@ -9,16 +9,20 @@ happens (also on failure, Ctrl-C or SIGKILL: see ``processes.py``). The output d
 
 ``deploy submit`` sends the app to a SuperLink that is already running (a multi-host deployment, see
 docs/deploy.md) and follows the run.
+
+A little over 450 lines: the three commands share their preparation, following and failure recording here, and
+splitting one of them out would split that.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -203,6 +207,20 @@ def _restore_sigterm(previous: Any) -> None:
         pass
 
 
+@contextlib.contextmanager
+def _launcher_guard(out: Path) -> Iterator[None]:
+    """SIGTERM raised as an exception while a launcher runs (so its clean-up runs), and a DeployError recorded
+    in failure.json before it propagates."""
+    previous_sigterm = _raise_on_sigterm()
+    try:
+        yield
+    except DeployError as error:
+        _record_failure(out, error)
+        raise
+    finally:
+        _restore_sigterm(previous_sigterm)
+
+
 # ---------------------------------------------------------------------------------------------------
 # ecavg deploy local
 # ---------------------------------------------------------------------------------------------------
@@ -266,8 +284,7 @@ def deploy_local(
 
         credentials = make_credentials(out / "deploy" / "credentials", hosts=["127.0.0.1", "localhost"],
                                        num_nodes=cfg["data"]["num_edges"] if node_auth else 0, overwrite=True)
-    previous_sigterm = _raise_on_sigterm()
-    try:
+    with _launcher_guard(out):
         with WorkDir("deploy") as workdir, LocalFederation(
                 workdir.path, logs, node_auth=node_auth,
                 tls=Tls(credentials.ca_cert, credentials.server_cert, credentials.server_key)
@@ -295,11 +312,6 @@ def deploy_local(
             log.info("submitted run %d", run_id)
 
             return _follow_local_run(federation, run_id, out, logs, timeout_s=timeout_s, started=started)
-    except DeployError as error:
-        _record_failure(out, error)
-        raise
-    finally:
-        _restore_sigterm(previous_sigterm)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -442,8 +454,7 @@ def deploy_simulation(
     out = _prepare_output(cfg, output_dir)
     logs = out / "logs"
     data_dir_text = str(Path(data_dir).resolve()) if data_dir is not None else None
-    previous_sigterm = _raise_on_sigterm()
-    try:
+    with _launcher_guard(out):
         with WorkDir("sim") as workdir, LocalFederation(workdir.path, logs) as federation:
             federation.env["RAY_USAGE_STATS_ENABLED"] = "0"  # offline: Ray reports nothing
             started = time.monotonic()
@@ -459,8 +470,3 @@ def deploy_simulation(
                      federation.address)
 
             return _follow_local_run(federation, run_id, out, logs, timeout_s=timeout_s, started=started)
-    except DeployError as error:
-        _record_failure(out, error)
-        raise
-    finally:
-        _restore_sigterm(previous_sigterm)

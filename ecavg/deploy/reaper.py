@@ -20,18 +20,19 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 TAG_VARIABLE = "ECAVG_DEPLOY_WORKDIR"
 WATCHDOG_GRACE_S = 3.0  # SIGTERM, then SIGKILL: after the launcher died the run is lost, no need to wait long
 
 
-def process_table() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, state) from /proc (Linux); empty elsewhere."""
-    table: dict[int, tuple[int, str]] = {}
+def process_stats() -> Iterator[tuple[int, str, list[str]]]:
+    """(pid, command name, the fields of /proc/<pid>/stat after the name: state, ppid, pgrp, ...) of every
+    process (Linux; nothing elsewhere)."""
     proc = Path("/proc")
     if not proc.is_dir():
-        return table
+        return
     for entry in proc.iterdir():
         if not entry.name.isdigit():
             continue
@@ -39,9 +40,13 @@ def process_table() -> dict[int, tuple[int, str]]:
             stat = (entry / "stat").read_text()
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2:].split()  # the command name may hold spaces and parentheses
-        table[int(entry.name)] = (int(fields[1]), fields[0])
-    return table
+        # The command name may hold spaces and parentheses: split after the last ')'.
+        yield int(entry.name), stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+
+
+def process_table() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, state) from /proc (Linux); empty elsewhere."""
+    return {pid: (int(fields[1]), fields[0]) for pid, _, fields in process_stats()}
 
 
 def descendants(roots: set[int]) -> set[int]:

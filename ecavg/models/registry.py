@@ -31,18 +31,6 @@ from ecavg.models.torchvision_adapt import (
 )
 from ecavg.registry import Key
 
-__all__ = [
-    "HEAD_MODULE_NAMES",
-    "MODELS",
-    "MODEL_NAME_ATTRIBUTE",
-    "ModelError",
-    "ModelSpec",
-    "available_models",
-    "batchnorm_keys",
-    "build_model",
-    "classifier_head",
-    "head_keys",
-]
 
 
 @dataclass(frozen=True)
