@@ -16,7 +16,9 @@ pytest.importorskip("hypothesis")
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ecavg.config import DEFAULTS, ConfigError, resolve_config
+from ecavg.config import ConfigError, defaults, resolve_config
+
+DEFAULTS = defaults()
 
 KNOWN_KEYS = sorted({key for key, value in DEFAULTS.items()} | {k for v in DEFAULTS.values() if isinstance(v, dict)
                                                                  for k in v} | {"deploy", "share_data", "min_edges",

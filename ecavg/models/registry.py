@@ -32,7 +32,6 @@ from ecavg.models.torchvision_adapt import (
 from ecavg.registry import Key
 
 
-
 @dataclass(frozen=True)
 class ModelSpec:
     """A registered model: `build(num_classes=, in_channels=, image_size=, **options)`, the options it takes
