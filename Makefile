@@ -20,12 +20,16 @@ $(VENV)/.dev: $(VENV)/.base
 run: $(VENV)/.base
 	$(VENV)/bin/ecavg run --config $(CONFIG) $(ARGS)
 
+# Four pytest workers: the deployment tests mostly wait (on Flower's polling and heartbeats), so they overlap well
+# even on two cores; one torch thread per process keeps the workers from oversubscribing the cores.
+PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 4 --dist worksteal
+
 test: $(VENV)/.dev
-	$(PY) -m pytest -q $(ARGS)
+	$(PYTEST) $(ARGS)
 
 # Everything but the tests that start real Flower deployments (marked `deploy`).
 test-fast: $(VENV)/.dev
-	$(PY) -m pytest -q -m "not deploy" $(ARGS)
+	$(PYTEST) -m "not deploy" $(ARGS)
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check .
