@@ -24,6 +24,9 @@ log = logging.getLogger("ecavg")
 
 CONNECTION = "ecavg"  # the name of the SuperLink connection in the private FLWR_HOME
 
+# How long one `flwr` command may take: it starts a Python process that imports Flower, which on a loaded machine
+# has taken over a minute.
+CLI_TIMEOUT_S = 300.0
 # Runs one ``flwr`` command: (arguments, timeout=seconds) -> the finished process with its text output.
 RunCli = Callable[..., subprocess.CompletedProcess]
 
@@ -101,7 +104,7 @@ def submit_run(run_cli: RunCli, app_dir: Path, *, federation_config: Mapping[str
     args = ["run", str(app_dir), CONNECTION, "--format", "json"]
     if federation_config:
         args += ["--federation-config", " ".join(f"{k}={json.dumps(v)}" for k, v in federation_config.items())]
-    result = run_cli(args, timeout=120)
+    result = run_cli(args, timeout=CLI_TIMEOUT_S)
     try:
         reply = json_from_output(result.stdout)
     except ValueError:
@@ -114,7 +117,7 @@ def submit_run(run_cli: RunCli, app_dir: Path, *, federation_config: Mapping[str
 def list_runs(run_cli: RunCli) -> list[dict[str, Any]]:
     """Every run the SuperLink knows, as ``flwr ls --format json`` reports them (run-id, status, status-details,
     pending-at, ...); empty when the CLI gave no answer."""
-    result = run_cli(["ls", CONNECTION, "--format", "json"], timeout=60)
+    result = run_cli(["ls", CONNECTION, "--format", "json"], timeout=CLI_TIMEOUT_S)
     try:
         return list(json_from_output(result.stdout).get("runs", []))
     except ValueError:
@@ -123,7 +126,7 @@ def list_runs(run_cli: RunCli) -> list[dict[str, Any]]:
 
 def stop_run(run_cli: RunCli, run_id: int) -> bool:
     """``flwr stop``; True when Flower confirmed it."""
-    result = run_cli(["stop", str(run_id), CONNECTION, "--format", "json"], timeout=60)
+    result = run_cli(["stop", str(run_id), CONNECTION, "--format", "json"], timeout=CLI_TIMEOUT_S)
     try:
         return bool(json_from_output(result.stdout).get("success"))
     except ValueError:
@@ -131,8 +134,12 @@ def stop_run(run_cli: RunCli, run_id: int) -> bool:
 
 
 def run_status(run_cli: RunCli, run_id: int) -> str:
-    """The run's status as ``flwr ls`` reports it (e.g. ``running``, ``finished:completed``), or ``unknown``."""
-    result = run_cli(["ls", CONNECTION, "--run-id", str(run_id), "--format", "json"], timeout=60)
+    """The run's status as ``flwr ls`` reports it (e.g. ``running``, ``finished:completed``), or ``unknown``
+    (also when the command is slower than its timeout: a status poll must not stop a run that is fine)."""
+    try:
+        result = run_cli(["ls", CONNECTION, "--run-id", str(run_id), "--format", "json"], timeout=CLI_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return "unknown"
     try:
         runs = json_from_output(result.stdout).get("runs", [])
     except ValueError:
@@ -142,7 +149,7 @@ def run_status(run_cli: RunCli, run_id: int) -> str:
 
 def register_node(run_cli: RunCli, public_key: Path) -> None:
     """Register a SuperNode's public key with the SuperLink (needed when node authentication is on)."""
-    result = run_cli(["supernode", "register", str(public_key), CONNECTION, "--format", "json"], timeout=60)
+    result = run_cli(["supernode", "register", str(public_key), CONNECTION, "--format", "json"], timeout=CLI_TIMEOUT_S)
     if result.returncode != 0:
         raise DeployError(f"registering {public_key} with the SuperLink failed: "
                           f"{(result.stdout + result.stderr).strip()[-2000:]}")
@@ -151,7 +158,7 @@ def register_node(run_cli: RunCli, public_key: Path) -> None:
 def save_run_log(run_cli: RunCli, run_id: int, path: Path) -> None:
     """The ServerApp's log as the SuperLink kept it (what `flwr log` shows)."""
     try:
-        result = run_cli(["log", str(run_id), CONNECTION, "--show"], timeout=60)
+        result = run_cli(["log", str(run_id), CONNECTION, "--show"], timeout=CLI_TIMEOUT_S)
         path.write_text(result.stdout + result.stderr)
     except (subprocess.TimeoutExpired, OSError) as error:
         log.warning("could not save the ServerApp log to %s: %s", path, error)
