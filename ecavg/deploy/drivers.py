@@ -151,9 +151,13 @@ def follow_run(run_cli: RunCli, run_id: int, out: Path, *, timeout_s: float | No
         if time.monotonic() >= next_status:
             status = run_status(run_cli, run_id)
             if status.startswith("finished"):
-                # Finished without writing results: the ServerApp crashed before or while writing them.
-                time.sleep(1.0)
-                if (out / "results.json").exists():
+                # The ServerApp writes results.json or failure.json before it exits; give the file system a moment
+                # before concluding that it crashed before or while writing them.
+                deadline = time.monotonic() + 10.0
+                while time.monotonic() < deadline and not any(
+                        (out / name).exists() for name in ("results.json", FAILURE_FILE)):
+                    time.sleep(0.5)
+                if any((out / name).exists() for name in ("results.json", FAILURE_FILE)):
                     continue
                 raise DeployError(f"the run ended with status {status} but wrote no results; see "
                                   f"{out / 'logs' / 'serverapp.log'}")
