@@ -147,10 +147,15 @@ def test_the_gateway_forwards_the_fleet_api_on_one_connection_and_refuses_the_re
         assert (response.status, response.reason) == (403, REFUSAL_PHRASE), (method, path)
         assert b"forwards only the Fleet API" in response.read()
     # A body framed by Transfer-Encoding could be read differently by the SuperLink: refused.
+    # The gateway answers 411 and closes as soon as it has read the headers, so the client may still be sending the
+    # body when the connection goes: that too is a refusal.
     conn = _client(gateway, creds)
-    conn.request("POST", "/v1/fleet/push-messages", body=iter([b"ab", b"cd"]), encode_chunked=True,
-                 headers={"Transfer-Encoding": "chunked"})
-    assert conn.getresponse().status == 411
+    try:
+        conn.request("POST", "/v1/fleet/push-messages", body=iter([b"ab", b"cd"]), encode_chunked=True,
+                     headers={"Transfer-Encoding": "chunked"})
+        assert conn.getresponse().status == 411
+    except (ssl.SSLError, ConnectionError):
+        pass
     assert len(FakeSuperLink.seen) == 2, "a refused request reached the SuperLink"
 
 
