@@ -27,9 +27,9 @@ PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 4 --dist worksteal
 test: $(VENV)/.dev
 	$(PYTEST) $(ARGS)
 
-# Everything but the tests that start real Flower deployments (marked `deploy`).
+# Everything but the tests that start real Flower deployments (marked `deploy`) and the slowest others (`slow`).
 test-fast: $(VENV)/.dev
-	$(PYTEST) -m "not deploy" $(ARGS)
+	$(PYTEST) -m "not deploy and not slow" $(ARGS)
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check .

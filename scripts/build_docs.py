@@ -15,6 +15,10 @@ Directives (paths are relative to the repository root):
 ``@@sweep DIR [DIR ...]`` (a line of its own)
     The runs of one or more ``ecavg sweep`` directories (their ``sweep.csv``) in one table; runs that differ
     only in ``seed`` are one row with mean ± standard deviation.
+``@@updates DIR [DIR ...]`` (a line of its own)
+    What the update step did to each edge, per run of ``ecavg sweep`` directories that vary ``update.mode``:
+    the mean and worst edge's change on the edges' own test partitions, the mean on the full test set, which
+    candidate each edge kept and the update's wall time against the pre-training's (the edges' extra compute).
 ``@@config RUN`` (a line of its own)
     The hyperparameters of one run, from its resolved config.
 ``@@curve RUN IMAGE`` (a line of its own)
@@ -161,6 +165,65 @@ def render_sweep(args: list[str]) -> str:
     return "\n".join(lines)
 
 
+def update_figures(results: dict[str, Any]) -> dict[str, Any]:
+    """What the update step gave one run's edges (see ``@@updates``)."""
+    edges = [e for e in results["edges"] if e["accuracy_after"] is not None and e["accuracy_before"] is not None]
+    changes = [e["accuracy_after"] - e["accuracy_before"] for e in edges]
+    full = [e["accuracy_after_full"] for e in edges if e.get("accuracy_after_full") is not None]
+    kept: dict[str, int] = {}
+    for e in edges:
+        kept[e.get("update_kept") or "server"] = kept.get(e.get("update_kept") or "server", 0) + 1
+    timing = results["timing_s"]
+    return {
+        "before": statistics.fmean(e["accuracy_before"] for e in edges) if edges else None,
+        "change": statistics.fmean(changes) if changes else None,
+        "worst": min(changes) if changes else None,
+        "full": statistics.fmean(full) if full else None,
+        "kept": ", ".join(f"{name} {n}" for name, n in sorted(kept.items())),
+        "update_cost": timing["update"] / timing["pretrain"] if timing.get("pretrain") else None,
+    }
+
+
+def render_updates(args: list[str]) -> str:
+    """One row per run (seeds pooled): the edges' mean and worst change from the update, and what it cost."""
+    sweeps = [(REPO_ROOT / a, *_read_sweep(REPO_ROOT / a)) for a in args]
+    columns: list[str] = []
+    for _, keys, _ in sweeps:
+        columns += [k for k in keys if k != "seed" and k not in columns]
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for directory, _keys, rows in sweeps:
+        for row in rows:
+            ident = (rel(directory),) + tuple(row.get(k, "") for k in columns)
+            groups.setdefault(ident, []).append(update_figures(load_results(directory / row["run"])))
+    lines = [
+        "| " + " | ".join(columns) + " | runs | local-only (own test) | mean change (pp) | worst edge's change (pp) "
+        "| after, full test set | kept | update time / pre-train time |",
+        "|" + "---|" * len(columns) + "---:|" * 6 + "---|---:|",
+    ]
+
+    def pp(values: list[float | None]) -> str:
+        present = [100 * v for v in values if v is not None]
+        if not present:
+            return "-"
+        mean, std = statistics.fmean(present), statistics.pstdev(present)
+        return f"{mean:+.2f}" + (f" ± {std:.2f}" if len(present) > 1 else "")
+
+    for ident, members in groups.items():
+        kept = "; ".join(dict.fromkeys(m["kept"] for m in members))
+        costs = [m["update_cost"] for m in members if m["update_cost"] is not None]
+        cells = list(ident[1:]) + [str(len(members)), percent_spread([m["before"] for m in members]),
+                                   pp([m["change"] for m in members]),
+                                   pp([min(m["worst"] for m in members)] if members[0]["worst"] is not None else []),
+                                   percent_spread([m["full"] for m in members]), kept,
+                                   f"{statistics.fmean(costs):.2f}" if costs else "-"]
+        lines.append("| " + " | ".join(c or "·" for c in cells) + " |")
+    lines.append("")
+    lines.append("Edge accuracies in %, means over edges (and over seeds: mean ± std); the worst edge's change is the "
+                 "lowest over every edge of every seed. *kept*: how many edges ended with each candidate. Runs: "
+                 + ", ".join(f"`{rel(d)}/`" for d, _, _ in sweeps) + ".")
+    return "\n".join(lines)
+
+
 def render_config(args: list[str]) -> str:
     cfg = load_results(REPO_ROOT / args[0])["config"]
     data, model = cfg["data"], cfg["model"]
@@ -281,7 +344,8 @@ def render_inline(match: re.Match) -> str:
     raise DocError(f"bad inline directive {{{{{match.group(1)}}}}}")
 
 
-BLOCKS = {"strategies": render_strategies, "sweep": render_sweep, "config": render_config, "curve": render_curve}
+BLOCKS = {"strategies": render_strategies, "sweep": render_sweep, "updates": render_updates, "config": render_config,
+          "curve": render_curve}
 
 
 def render(source: Path) -> str:

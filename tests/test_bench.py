@@ -44,6 +44,7 @@ def test_aggregation_worker_in_process_reports_floor_and_memory():
         assert m["peak_models"] is None or m["peak_models"] >= 0
 
 
+@pytest.mark.slow
 def test_aggregation_run_uses_fresh_processes_per_k(capsys):
     result = aggregation.run((2,), model=aggregation.TINY_MODEL, num_classes=10, bandwidth_bytes=4 * 2**20)
     entry = result["per_k"][0]
@@ -202,6 +203,7 @@ def test_plain_convs_round_trip_keeps_state_dict_and_outputs():
     assert use_small_map_convs(model) == 20
 
 
+@pytest.mark.slow
 def test_scale_measures_one_run_in_a_subprocess(tmp_path):
     from bench import scale
 

@@ -33,6 +33,7 @@ def results_of(root, run):
     return json.loads((root / "results" / "tiny" / run / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_renders_every_directive_from_the_runs(tiny_sweep, monkeypatch):
     build_docs = load_build_docs()
     monkeypatch.setattr(build_docs, "REPO_ROOT", tiny_sweep)
@@ -73,6 +74,7 @@ def test_renders_every_directive_from_the_runs(tiny_sweep, monkeypatch):
     assert "![training curves of results/tiny/strategy=ecavg,seed=0](img/curve.png)" in text
 
 
+@pytest.mark.slow
 def test_missing_run_and_bad_directive_are_named(tiny_sweep, monkeypatch):
     build_docs = load_build_docs()
     monkeypatch.setattr(build_docs, "REPO_ROOT", tiny_sweep)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_config import with_overrides
 
 import ecavg
 from ecavg.cli import main
@@ -26,14 +27,8 @@ QUICK = {
 }
 
 
-def quick(**top):
-    cfg = json.loads(json.dumps(QUICK))
-    for key, value in top.items():
-        if isinstance(value, dict):
-            cfg.setdefault(key, {}).update(value)
-        else:
-            cfg[key] = value
-    return cfg
+def quick(**top) -> dict:
+    return with_overrides(QUICK, **top)
 
 
 def _check_contract(results):
@@ -107,6 +102,7 @@ def test_same_seed_same_results(tmp_path):
     assert a["edges"] == b["edges"] and a["server"] == b["server"]
 
 
+@pytest.mark.slow
 def test_independent_inits_and_bn_recalibration(tmp_path):
     results = run_experiment(quick(shared_init=False), output_dir=tmp_path / "indep")
     assert results["edges"][0]["accuracy_before"] > 0.5

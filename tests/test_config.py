@@ -102,6 +102,7 @@ def test_missing_and_invalid_toml(tmp_path):
         load_toml(bad)
 
 
+@pytest.mark.slow
 def test_config_and_embedded_runtime_do_not_need_flower():
     # `make run` installs ecavg without the flower extra: nothing on that path may import flwr.
     import subprocess

@@ -534,6 +534,7 @@ def test_image_dataset_validation_and_subset():
 # ------------------------------------------------------------------ the real data (integration)
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_real_cifar10_jpeg_zip_loads_in_standard_order(shared_datasets):
     root = shared_datasets

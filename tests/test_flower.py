@@ -662,6 +662,7 @@ def _accuracies(results: dict) -> tuple:
             results["server"]["accuracy_averaged"], results["server"]["accuracy_finetuned"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["fedavg", "centralized", "local"])
 def test_every_strategy_runs_over_the_flower_pool_as_embedded(tmp_path, task_identity, strategy):
     user = _quick_config(strategy=strategy, fedavg={"rounds": 2})
@@ -672,6 +673,7 @@ def test_every_strategy_runs_over_the_flower_pool_as_embedded(tmp_path, task_ide
     assert (served["deploy"]["data_bytes_up"] > 0) == (strategy == "centralized")
 
 
+@pytest.mark.slow
 def test_share_data_none_without_server_data_is_a_one_shot_fedavg(tmp_path, task_identity):
     served = _serve_in_process(tmp_path, _quick_config(deploy={"share_data": "none"}))
     assert served["deploy"]["data_bytes_up"] == 0
@@ -680,6 +682,7 @@ def test_share_data_none_without_server_data_is_a_one_shot_fedavg(tmp_path, task
     assert all(e["accuracy_after"] is not None for e in served["edges"])
 
 
+@pytest.mark.slow
 def test_the_server_tracks_a_deployed_run(tmp_path, task_identity):
     pytest.importorskip("tensorboard", reason="tracking needs the tracking extra (pip install 'ecavg[tracking]')")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

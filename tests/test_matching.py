@@ -32,6 +32,8 @@ CASES = [
     ("mobilenet_v2", {"width_mult": 0.5}, 1, 32),
     ("mobilenet_v2", {}, 3, 32),
 ]
+# ResNet50's matching takes about ten seconds a case: `make test` runs it, `make test-fast` does not.
+MATCH_CASES = [pytest.param(*case, marks=pytest.mark.slow) if case[0] == "resnet50" else case for case in CASES]
 CASE_IDS = [f"{name}-{'-'.join(f'{k}={v}' for k, v in opts.items()) or 'default'}-{ch}ch"
             for name, opts, ch, _ in CASES]
 
@@ -99,7 +101,7 @@ def test_permuting_hidden_units_preserves_the_function(name, options, in_channel
     assert not torch.allclose(broken, expected, rtol=1e-4, atol=1e-4 * max(scale, 1.0))
 
 
-@pytest.mark.parametrize(("name", "options", "in_channels", "image_size"), CASES, ids=CASE_IDS)
+@pytest.mark.parametrize(("name", "options", "in_channels", "image_size"), MATCH_CASES, ids=CASE_IDS)
 def test_matching_recovers_a_permuted_copy_exactly(name, options, in_channels, image_size):
     model = _model_with_distinct_norms(name, options, in_channels, image_size, seed=3)
     spec = permutation_spec(name, model)

@@ -36,6 +36,7 @@ def find_browser() -> str | None:
 
 BROWSER = find_browser()
 pytestmark = [
+    pytest.mark.slow,
     pytest.mark.skipif(BROWSER is None, reason="no chromium on PATH (.ci/run installs Debian's chromium with "
                                                "apt-get; or set ECAVG_CHROMIUM to a Chrome/Chromium binary)"),
     pytest.mark.skipif(not html_report.plotly_available(), reason="plotly is not installed (static report)"),

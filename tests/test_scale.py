@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_config import with_overrides
 
 from ecavg.core import phases
 from ecavg.core.averaging import StreamingAverager
@@ -32,13 +33,7 @@ BASE = {
 
 
 def config(**top) -> dict:
-    cfg = json.loads(json.dumps(BASE))
-    for key, value in top.items():
-        if isinstance(value, dict):
-            cfg.setdefault(key, {}).update(value)
-        else:
-            cfg[key] = value
-    return cfg
+    return with_overrides(BASE, **top)
 
 
 def deterministic(results: dict) -> tuple:

@@ -1,9 +1,9 @@
 """The server-side options (ECAvg+): aggregation = "match", server.objective = "distill", server_data_fraction."""
 
-import json
 
 import pytest
 import torch
+from tiny_config import with_overrides
 
 from ecavg.config import ConfigError, resolve_config
 from ecavg.core.participants import ServerWorker
@@ -20,14 +20,8 @@ QUICK = {
 }
 
 
-def quick(**top):
-    cfg = json.loads(json.dumps(QUICK))
-    for key, value in top.items():
-        if isinstance(value, dict):
-            cfg.setdefault(key, {}).update(value)
-        else:
-            cfg[key] = value
-    return cfg
+def quick(**top) -> dict:
+    return with_overrides(QUICK, **top)
 
 
 def test_matched_average_beats_the_plain_one_from_independent_inits(tmp_path):

@@ -168,6 +168,7 @@ def test_tensorboard_holds_metrics_jsonl_hparams_and_results(tmp_path, monkeypat
     assert "_hparams_/session_end_info" in plugin
 
 
+@pytest.mark.slow
 @have("mlflow", "sqlalchemy", "alembic")
 def test_mlflow_holds_metrics_jsonl_params_and_results(tmp_path, monkeypatch):
     from mlflow.entities import ViewType
