@@ -24,7 +24,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-
 from ecavg.config import deploy_settings
 from ecavg.config.deploy import server_training_needs_edge_data
 from ecavg.core import average_state_dicts
