@@ -16,6 +16,8 @@ from ecavg.errors import ConfigError
 from ecavg.plan.model import (
     COMMUNICATION,
     COMPUTE,
+    HELLO_EXTRA_S,
+    MESSAGE_OVERHEAD_S,
     OVERHEAD,
     ComputeRates,
     EdgeInputs,
@@ -85,7 +87,7 @@ def inputs(**changes) -> PlanInputs:
     base = PlanInputs(strategy="ecavg", edges=edges, rates=RATES, payloads=PAYLOADS, edge_epochs=2,
                       edge_batch_size=100, server_epochs=3, server_batch_size=100, server_train_samples=2000,
                       full_test_samples=200, eval_each_epoch=True, upload_data=True, message_overhead_s=3.0,
-                      hello_overhead_s=5.0)
+                      hello_overhead_s=5.0, train_start_s=1.0)
     return replace(base, **changes)
 
 
@@ -107,13 +109,17 @@ def test_ecavg_phases_and_hand_computed_seconds():
     assert pre.compute_s == pytest.approx(2.0 + 0.02)
     # 1 MB down, 1 MB weights + 2 MB data up, at 1 MB/s
     assert pre.transfer_s == pytest.approx(4.0)
-    assert pre.total_s == pytest.approx(3.0 + 2.02 + 4.0)
+    # Flower's overhead per message, plus the fresh process's first optimizer
+    assert pre.overhead_s == pytest.approx(3.0 + 1.0)
+    assert pre.total_s == pytest.approx(4.0 + 2.02 + 4.0)
     assert (pre.bytes_down, pre.bytes_up, pre.dominant) == (1_000_000, 3_000_000, COMMUNICATION)
     assert phases["hello"].total_s == 5.0 and phases["hello"].dominant == OVERHEAD
     assert phases["aggregate"].total_s == pytest.approx(0.5 + 200 * 1e-4)
-    # 3 epochs x 20 batches x 100 x 2 ms + 3 evaluations of the full test set
-    assert phases["finetune"].total_s == pytest.approx(12.0 + 3 * 0.02)
+    # 3 epochs x 20 batches x 100 x 2 ms + 3 evaluations of the full test set, + the server's first optimizer
+    assert phases["finetune"].compute_s == pytest.approx(12.0 + 3 * 0.02)
+    assert phases["finetune"].total_s == pytest.approx(12.0 + 3 * 0.02 + 1.0)
     assert phases["update"].compute_s == pytest.approx(100 * 1e-4) and phases["update"].transfer_s == 1.0
+    assert phases["update"].overhead_s == 3.0  # replace: no training, no optimizer
     summary = round_summary(list(phases.values()))
     assert summary["total_s"] == pytest.approx(sum(ph.total_s for ph in phases.values()), abs=1e-3)
 
@@ -158,13 +164,16 @@ def test_data_goes_first_when_the_server_trains_before_the_edges():
     warm = by_phase(inputs(warmup_epochs=1, warmup_samples=500))
     assert list(warm) == ["hello", "data", "warmup", "pretrain", "aggregate", "finetune", "update"]
     assert warm["pretrain"].bytes_up == 1_000_000  # the data already went up
+    assert (warm["warmup"].overhead_s, warm["finetune"].overhead_s) == (1.0, 0.0)  # the server trained already
     assert list(by_phase(inputs(strategy="local", upload_data=False))) == ["hello", "pretrain"]
     assert "finetune" not in by_phase(inputs(server_train_samples=0))
 
 
 def test_update_modes_add_edge_fine_tuning():
     replace_mode = by_phase(inputs())["update"].compute_s
-    finetune = by_phase(inputs(update_mode="finetune", update_epochs=2, update_batch_size=100))["update"].compute_s
+    tuned = by_phase(inputs(update_mode="finetune", update_epochs=2, update_batch_size=100))["update"]
+    finetune = tuned.compute_s
+    assert tuned.overhead_s == 3.0 + 1.0
     # 2 epochs x 1000 samples x 1 ms + 1 evaluation between epochs + the kept model on its test and the full test
     assert finetune == pytest.approx(2.0 + 100 * 1e-4 + (100 + 200) * 1e-4)
     assert replace_mode == pytest.approx(100 * 1e-4)
@@ -265,9 +274,26 @@ def test_plan_command_json_and_table(tmp_path, quickstart, capsys):
     assert phases["pretrain"]["bytes_up"] == plan["payloads"]["upload"] + plan["edges"][1]["data_bytes"]
     assert plan["edges"][0]["cpu_share"] == 0.5 and plan["edges"][1]["rate_bps"] == 1e6
     assert math.isclose(plan["summary"]["total_s"], sum(ph["total_s"] for ph in plan["phases"]), abs_tol=0.01)
-    assert main(["plan", "--from", str(run)]) == 0
+    # Read from an embedded run, the edge process start is the development machine's figure.
+    assert plan["message_overhead_s"] == pytest.approx(MESSAGE_OVERHEAD_S)
+    assert plan["hello_overhead_s"] == pytest.approx(MESSAGE_OVERHEAD_S + HELLO_EXTRA_S)
+    assert main(["plan", "--from", str(run), "--message-overhead", "2.5"]) == 0
     table = capsys.readouterr().out
     assert "pretrain" in table and "finetune" in table and "No --link given" in table
+    assert "Flower overhead 2.5 s per message" in table
+    assert main(["plan", "--from", str(run), "--message-overhead", "-1"]) == 2
+    assert "--message-overhead" in capsys.readouterr().err
+
+
+def test_calibrate_measures_positive_rates_and_the_edge_start(quickstart):
+    from ecavg.plan.inputs import calibrate
+
+    cfg, participants = quickstart
+    rates = calibrate(cfg, participants, seconds=0.2)
+    assert 0 < rates.edge_train_s < 0.1 and 0 < rates.eval_s < rates.edge_train_s * 10
+    assert rates.server_train_s == rates.edge_train_s  # same batch size and optimiser: measured once
+    assert rates.edge_start_s is not None and 0.1 < rates.edge_start_s < 600
+    assert rates.train_start_s is not None and 0 <= rates.train_start_s < 600
 
 
 def test_plan_command_refuses_cpu_shares_without_one_thread(tmp_path, quickstart, capsys):

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 from ecavg.deploy.rates import format_rate
 from ecavg.errors import ConfigError
 from ecavg.plan.model import (
-    HELLO_OVERHEAD_S,
+    FLOWER_ROUTING_S,
     MESSAGE_OVERHEAD_S,
     ComputeRates,
     EdgeInputs,
@@ -26,7 +26,7 @@ from ecavg.plan.model import (
 )
 
 __all__ = [
-    "HELLO_OVERHEAD_S",
+    "FLOWER_ROUTING_S",
     "MESSAGE_OVERHEAD_S",
     "ComputeRates",
     "EdgeInputs",
@@ -61,7 +61,9 @@ def make_plan(cfg: dict[str, Any], *, data_dir: str | None, links: Mapping[str, 
     if from_run is not None:
         rates, source = inputs.rates_from_run(from_run, cfg), f"read from {from_run}"
     else:
-        rates, source = inputs.calibrate(cfg, participants), f"calibrated here (threads = {cfg['threads']})"
+        rates = inputs.calibrate(cfg, participants, data_dir=data_dir)
+        source = (f"calibrated here (threads = {cfg['threads']}; edge process start {rates.edge_start_s:.1f} s, "
+                  f"first optimizer {rates.train_start_s:.1f} s)")
     plan_in = inputs.plan_inputs(cfg, participants, rates, data_dir=data_dir, links=links, cpu_shares=cpu_shares,
                                  message_overhead_s=message_overhead_s)
     phases = predict(plan_in)
@@ -75,6 +77,7 @@ def make_plan(cfg: dict[str, Any], *, data_dir: str | None, links: Mapping[str, 
         "edges": [e.__dict__ for e in plan_in.edges],
         "message_overhead_s": plan_in.message_overhead_s,
         "hello_overhead_s": plan_in.hello_overhead_s,
+        "train_start_s": plan_in.train_start_s,
         "phases": [ph.to_dict() for ph in phases],
         "summary": round_summary(phases),
         "crossover_rate_bps": crossover,
@@ -99,7 +102,7 @@ def plan_table(plan: Mapping[str, Any]) -> str:
              f"links {', '.join(links)}; compute {plan['compute_source']}",
              f"Weights payload {_bytes(plan['payloads']['whole'])} whole"
              + (f", {_bytes(plan['payloads']['upload'])} as a delta" if plan["payloads"]["delta"] else "")
-             + f"; Flower overhead {plan['message_overhead_s']:g} s per message ({plan['hello_overhead_s']:g} s "
+             + f"; Flower overhead {plan['message_overhead_s']:.1f} s per message ({plan['hello_overhead_s']:.1f} s "
                "for the first)", ""]
     header = ("phase", "compute s", "transfer s", "overhead s", "total s", "down/edge", "up/edge", "slowest",
               "dominant")

@@ -17,13 +17,17 @@ import contextlib
 import itertools
 import json
 import logging
+import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import ecavg
 from ecavg.config import deploy_settings
 from ecavg.config.deploy import server_training_needs_edge_data
 from ecavg.core import average_state_dicts
@@ -33,7 +37,16 @@ from ecavg.core.transfer import Transfer
 from ecavg.data import load_dataset
 from ecavg.errors import ConfigError
 from ecavg.models import batchnorm_keys
-from ecavg.plan.model import ComputeRates, EdgeInputs, Payloads, PlanInputs
+from ecavg.plan.model import (
+    EDGE_START_S,
+    FLOWER_ROUTING_S,
+    HELLO_EXTRA_S,
+    TRAIN_START_S,
+    ComputeRates,
+    EdgeInputs,
+    Payloads,
+    PlanInputs,
+)
 from ecavg.runtime.setup import Participants, build_participants, prepare_compute, server_share
 
 # Training is timed over enough batches to fill this many seconds (at least MIN, at most one epoch), after a
@@ -112,7 +125,9 @@ def plan_inputs(cfg: dict[str, Any], participants: Participants, rates: ComputeR
     bn = 0
     if cfg["bn_recalibration"] and batchnorm_keys(participants.server.new_model()):
         bn = min(union, BN_RECALIBRATION_BATCHES * cfg["server"]["batch_size"])
-    extra = {} if message_overhead_s is None else {"message_overhead_s": message_overhead_s}
+    if message_overhead_s is None:
+        start = rates.edge_start_s if rates.edge_start_s is not None else EDGE_START_S
+        message_overhead_s = FLOWER_ROUTING_S + start
     return PlanInputs(
         strategy=cfg["strategy"], edges=edges, rates=rates, payloads=payloads(cfg, participants),
         edge_epochs=cfg["edge"]["epochs"], edge_batch_size=cfg["edge"]["batch_size"],
@@ -122,7 +137,9 @@ def plan_inputs(cfg: dict[str, Any], participants: Participants, rates: ComputeR
         warmup_epochs=cfg["warmup"]["epochs"] if warmup else 0,
         warmup_samples=(union if fraction >= 1.0 else max(1, round(union * fraction))) if warmup else 0,
         bn_recalibration_samples=bn, update_mode=cfg["update"]["mode"], update_epochs=cfg["update"]["epochs"],
-        update_batch_size=cfg["update"]["batch_size"] or cfg["edge"]["batch_size"], **extra)
+        update_batch_size=cfg["update"]["batch_size"] or cfg["edge"]["batch_size"],
+        message_overhead_s=message_overhead_s, hello_overhead_s=message_overhead_s + HELLO_EXTRA_S,
+        train_start_s=rates.train_start_s if rates.train_start_s is not None else TRAIN_START_S)
 
 
 # -- compute: measured here ---------------------------------------------------------------------------------
@@ -155,9 +172,10 @@ def _train_s_per_sample(participants: Participants, settings: TrainingSettings, 
     return 1.0 / history[0]["samples_per_s"]
 
 
-def calibrate(cfg: Mapping[str, Any], participants: Participants, *, seconds: float | None = None) -> ComputeRates:
+def calibrate(cfg: Mapping[str, Any], participants: Participants, *, data_dir: str | None = None,
+              seconds: float | None = None) -> ComputeRates:
     """Compute rates measured now on this machine (the config's threads and device), timing each batch size's
-    training for about ``seconds`` (default CALIBRATION_SECONDS)."""
+    training for about ``seconds`` (default CALIBRATION_SECONDS), and an edge process's start."""
     seconds = CALIBRATION_SECONDS if seconds is None else seconds
     edge_settings = participants.edges[0].settings
     measured: dict[tuple[int, str], float] = {}
@@ -180,9 +198,44 @@ def calibrate(cfg: Mapping[str, Any], participants: Participants, *, seconds: fl
     start = time.perf_counter()
     average_state_dicts([weights] * len(participants.edges), [len(e.train_data) for e in participants.edges])
     average_s = time.perf_counter() - start
+    edge_start, train_start = edge_start_seconds(cfg, data_dir)
     return ComputeRates(edge_train_s=rate(edge_settings), server_train_s=rate(server.settings),
                         update_train_s=rate(replace(edge_settings, batch_size=update_bs)), eval_s=eval_s,
-                        average_s=average_s)
+                        average_s=average_s, edge_start_s=edge_start, train_start_s=train_start)
+
+
+# What a ClientApp process does before it can handle a message (``ecavg.runtime.flower.client``): start Python,
+# import the client (PyTorch, Flower, ecavg), load the dataset and build the edge's partition.
+# Then its first optimizer (which imports torch._dynamo), timed on its own.
+_EDGE_START = """
+import json, sys, time
+import ecavg.runtime.flower.client
+from ecavg.config import resolve_config
+from ecavg.runtime.setup import build_participants, prepare_compute
+cfg = resolve_config(json.loads(sys.argv[1]))
+device, splits, _ = prepare_compute(cfg, sys.argv[2] or None)
+model = build_participants(cfg, splits, device).edges[0].new_model()
+start = time.perf_counter()
+import torch
+torch.optim.SGD(model.parameters(), lr=0.1)
+print(json.dumps({"train_start_s": time.perf_counter() - start}))
+"""
+
+
+def edge_start_seconds(cfg: Mapping[str, Any], data_dir: str | None) -> tuple[float, float]:
+    """(seconds to start an edge's process for one message, seconds of its first optimizer), timed now in a
+    subprocess on this machine."""
+    root = str(Path(ecavg.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", _EDGE_START, json.dumps(cfg), data_dir or ""], env=env,
+                          capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ConfigError(f"ecavg plan could not time an edge process start: {last}")
+    train_start = float(json.loads(done.stdout.strip().splitlines()[-1])["train_start_s"])
+    return seconds - train_start, train_start
 
 
 # -- compute: read from an earlier run ----------------------------------------------------------------------

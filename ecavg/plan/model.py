@@ -9,7 +9,8 @@ What a phase costs, as the Flower runtime (``ecavg.runtime.flower``) runs it:
 * a message exchange (``hello``, ``data``, ``pretrain``, ``roundN``, ``update``) ends when the slowest edge has
   replied; edge k takes ``overhead + bytes_down_k / rate_k + compute_k / share_k + bytes_up_k / rate_k``.
   Flower starts a fresh ClientApp process per message (importing PyTorch, reloading the edge's data): the
-  overhead. The first message (``hello``) pays more: the edge also partitions the dataset.
+  overhead. A message that trains pays once more for the process's first optimizer (PyTorch imports
+  ``torch._dynamo`` then: ``train_start_s``), and so does the server's first training step.
 * a server step (``warmup``, ``aggregate``, ``finetune``, ``centralized``) is compute on the server alone.
 * edge compute: ``epochs x batches x batch_size x train_s_per_sample`` plus evaluations
   (``samples x eval_s_per_sample``); server compute the same with the server's batch size and the full test set.
@@ -24,14 +25,22 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-# The per-message overhead of a Flower deployment (a fresh ClientApp process per message): the update exchange
-# of `ecavg deploy local`, unshaped, minus its compute (evaluating the edge's test set).
-# Measured 2026-12-... on the 2-core development machine (load ~5: other sessions' runs), Flower 1.42:
-#   ecavg deploy local --config configs/quickstart.toml --edges 2 --set threads=1 --output /tmp/plan-runs/ovh1
-#   -> deploy.phase_wall_s: hello H s, pretrain P s, update U s; see NOTES-plan.md.
-MESSAGE_OVERHEAD_S = 4.0
-# The first message of a run (hello) also loads and partitions the edge's dataset: measured the same way.
-HELLO_OVERHEAD_S = 8.0
+# Flower's cost per message exchange = its own routing (a SuperNode polls the SuperLink every 3 s when idle, a
+# reply waits in 0.5 s steps, SuperExec launches a process) + starting the edge's process (importing PyTorch and
+# ecavg, loading and partitioning the dataset: ``ecavg plan --calibrate`` times that here, in a subprocess).
+# Measured on the 2-core development machine (Flower 1.42, other sessions' runs loading it), see NOTES-plan.md:
+#   ecavg deploy local --config configs/quickstart.toml --edges 2 --set threads=1 --output /tmp/plan-runs/ovh2
+#   with `ecavg plan --calibrate` timing the edge start just before and after;
+#   routing = mean over the pretrain and update exchanges of (phase wall - compute - edge start).
+FLOWER_ROUTING_S = 3.0
+EDGE_START_S = 8.0  # the edge start in that measurement, used when it is not timed here (--from)
+MESSAGE_OVERHEAD_S = FLOWER_ROUTING_S + EDGE_START_S
+# The first message (hello) costs this much more (the SuperNode fetches and installs the app): hello wall minus
+# the mean overhead of the later exchanges, in the same measurement.
+HELLO_EXTRA_S = 0.0
+HELLO_OVERHEAD_S = MESSAGE_OVERHEAD_S + HELLO_EXTRA_S
+# A process's first optimizer imports torch._dynamo (PyTorch 2.14): timed by --calibrate in the same subprocess.
+TRAIN_START_S = 10.0
 
 COMPUTE, COMMUNICATION, OVERHEAD = "compute", "communication", "overhead"
 
@@ -56,6 +65,8 @@ class ComputeRates:
     update_train_s: float  # at the update's fine-tuning batch size
     eval_s: float  # an evaluated sample (batches of 1024)
     average_s: float = 0.0  # the server averaging the edges' weights (the whole step)
+    edge_start_s: float | None = None  # starting an edge's process for one message (None: not measured)
+    train_start_s: float | None = None  # a fresh process's first optimizer (None: not measured)
 
 
 @dataclass(frozen=True)
@@ -92,6 +103,7 @@ class PlanInputs:
     update_batch_size: int = 0
     message_overhead_s: float = MESSAGE_OVERHEAD_S
     hello_overhead_s: float = HELLO_OVERHEAD_S
+    train_start_s: float = TRAIN_START_S  # once per training message, and once for the server's first training
 
 
 @dataclass
@@ -178,8 +190,9 @@ def _exchange(p: PlanInputs, phase: str, *, compute, down, up, overhead: float) 
                           for n, e in costs.items()})
 
 
-def _server(phase: str, seconds: float) -> PhaseEstimate:
-    return PhaseEstimate(phase, seconds, 0.0, 0.0, seconds)
+def _server(phase: str, seconds: float, overhead: float = 0.0) -> PhaseEstimate:
+    return PhaseEstimate(phase, seconds, 0.0, overhead, seconds + overhead, dominant=OVERHEAD if overhead > seconds
+                         else COMPUTE)
 
 
 def predict(p: PlanInputs) -> list[PhaseEstimate]:
@@ -197,9 +210,12 @@ def predict(p: PlanInputs) -> list[PhaseEstimate]:
     if data_first:
         phases.append(_exchange(p, "data", compute=lambda e: 0.0, down=lambda e: 0, up=lambda e: e.data_bytes,
                                 overhead=p.message_overhead_s))
+    server_trained = False  # the ServerApp's first training pays train_start_s
     if p.warmup_epochs > 0:
         phases.append(_server("warmup", train_seconds(p.warmup_samples, p.server_batch_size, p.warmup_epochs,
-                                                      r.server_train_s) + p.full_test_samples * r.eval_s))
+                                                      r.server_train_s) + p.full_test_samples * r.eval_s,
+                              p.train_start_s))
+        server_trained = True
     if edge_models:
         with_data = p.upload_data and not data_first
         fit_phases = ["pretrain"] if p.strategy != "fedavg" else [f"round{k}" for k in range(1, p.fedavg_rounds + 1)]
@@ -208,7 +224,8 @@ def predict(p: PlanInputs) -> list[PhaseEstimate]:
             down = first if k == 0 else (w.delta_down if w.delta else w.whole)
             extra = (lambda e: e.data_bytes) if with_data and k == 0 else (lambda e: 0)
             estimate = _exchange(p, phase, compute=lambda e: _edge_fit_s(p, e), down=lambda e, d=down: d,
-                                 up=lambda e, x=extra: w.upload + x(e), overhead=p.message_overhead_s)
+                                 up=lambda e, x=extra: w.upload + x(e),
+                                 overhead=p.message_overhead_s + p.train_start_s)
             if p.strategy == "fedavg":  # the server averages and evaluates every round
                 estimate.compute_s += r.average_s + p.full_test_samples * r.eval_s
                 estimate.total_s += r.average_s + p.full_test_samples * r.eval_s
@@ -221,11 +238,13 @@ def predict(p: PlanInputs) -> list[PhaseEstimate]:
         evaluations = p.server_epochs if p.eval_each_epoch else 1
         phases.append(_server(server_phase, train_seconds(p.server_train_samples, p.server_batch_size,
                                                           p.server_epochs, r.server_train_s)
-                              + evaluations * p.full_test_samples * r.eval_s))
+                              + evaluations * p.full_test_samples * r.eval_s,
+                              0.0 if server_trained else p.train_start_s))
     if p.strategy != "local":
         down = w.delta_down if w.delta and edge_models else w.whole
+        trains = p.update_mode != "replace" and p.update_epochs > 0 and p.strategy != "centralized"
         phases.append(_exchange(p, "update", compute=lambda e: _edge_update_s(p, e), down=lambda e: down,
-                                up=lambda e: 0, overhead=p.message_overhead_s))
+                                up=lambda e: 0, overhead=p.message_overhead_s + (p.train_start_s if trains else 0)))
     return phases
 
 
