@@ -258,8 +258,13 @@ def test_rates_from_run(tmp_path, quickstart):
     assert rates.server_train_s == pytest.approx(1 / 2000) and rates.update_train_s == rates.edge_train_s
     assert rates.eval_s == pytest.approx(0.1 / 1000)
     other = {**cfg, "model": {**cfg["model"], "hidden": 50}}
-    with pytest.raises(ConfigError, match="different model"):
+    with pytest.raises(ConfigError, match="another model"):
         rates_from_run(tmp_path / "run", other)
+    with pytest.raises(ConfigError, match="dataset"):
+        rates_from_run(tmp_path / "run", {**cfg, "data": {**cfg["data"], "dataset": "mnist"}})
+    (tmp_path / "run" / "results.json").write_text("[]")
+    with pytest.raises(ConfigError, match="not an ecavg run"):
+        rates_from_run(tmp_path / "run", cfg)
 
 
 def test_plan_command_json_and_table(tmp_path, quickstart, capsys):

@@ -261,15 +261,15 @@ def run_config(run_dir: Path) -> dict[str, Any]:
 def rates_from_run(run_dir: Path, cfg: Mapping[str, Any]) -> ComputeRates:
     """Compute rates of an earlier run of the same model and dataset (embedded or deployed)."""
     used = run_config(run_dir)
-    for key in ("model", "data"):
-        mine, theirs = cfg[key], used.get(key, {})
-        what = "model" if key == "model" else "dataset"
-        field = "name" if key == "model" else "dataset"
-        if (mine != theirs) if key == "model" else (mine[field] != theirs.get(field)):
-            raise ConfigError(f"--from {run_dir}: that run used a different {what} ({theirs.get(field)!r} "
-                              f"{'with other options ' if mine.get(field) == theirs.get(field) else ''}vs "
-                              f"{mine[field]!r}); its rates are per sample of its own {what}")
+    if used.get("model") != cfg["model"]:
+        raise ConfigError(f"--from {run_dir}: that run trained another model ({used.get('model')} vs "
+                          f"{cfg['model']}); its rates are per sample of its own model")
+    if used.get("data", {}).get("dataset") != cfg["data"]["dataset"]:
+        raise ConfigError(f"--from {run_dir}: that run used dataset {used.get('data', {}).get('dataset')!r}, the "
+                          f"config {cfg['data']['dataset']!r}; its rates are per sample of its own images")
     results = _read_json(run_dir / "results.json")
+    if not isinstance(results, dict) or not isinstance(results.get("edges", []), list):
+        raise ConfigError(f"--from {run_dir}: results.json is not an ecavg run's results")
     records = []
     metrics = run_dir / "metrics.jsonl"
     if metrics.exists():
@@ -290,7 +290,7 @@ def rates_from_run(run_dir: Path, cfg: Mapping[str, Any]) -> ComputeRates:
     if edge is None and server is None:
         raise ConfigError(f"--from {run_dir}: metrics.jsonl has no training epochs to take rates from; "
                           "use --calibrate")
-    test = sum(int(e.get("test_samples") or 0) for e in results.get("edges", []))
+    test = sum(int(e.get("test_samples") or 0) for e in results.get("edges", []) if isinstance(e, dict))
     timing = results.get("timing_s", {})
     aggregate = float(timing.get("aggregate") or 0.0)
     if aggregate <= 0 or test <= 0:
