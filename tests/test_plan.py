@@ -271,13 +271,13 @@ def test_plan_command_json_and_table(tmp_path, quickstart, capsys):
     cfg, _ = quickstart
     run = fake_run(tmp_path, cfg)
     assert main(["plan", "--config", str(QUICKSTART), "--set", "threads=1", "--from", str(run), "--json",
-                 "--link", "all=10mbit", "--link", "edge-1=1mbit", "--edge-cpu", "edge-0=0.5"]) == 0
+                 "--link", "all=10mbit", "--link", "edge-1=100kbit", "--edge-cpu", "edge-0=0.5"]) == 0
     plan = json.loads(capsys.readouterr().out)
     phases = {ph["phase"]: ph for ph in plan["phases"]}
     assert list(phases) == ["hello", "pretrain", "aggregate", "finetune", "update"]
     assert phases["pretrain"]["slowest"] == "edge-1" and phases["pretrain"]["dominant"] == COMMUNICATION
     assert phases["pretrain"]["bytes_up"] == plan["payloads"]["upload"] + plan["edges"][1]["data_bytes"]
-    assert plan["edges"][0]["cpu_share"] == 0.5 and plan["edges"][1]["rate_bps"] == 1e6
+    assert plan["edges"][0]["cpu_share"] == 0.5 and plan["edges"][1]["rate_bps"] == 1e5
     assert math.isclose(plan["summary"]["total_s"], sum(ph["total_s"] for ph in plan["phases"]), abs_tol=0.01)
     # Read from an embedded run, the edge process start is the development machine's figure.
     assert plan["message_overhead_s"] == pytest.approx(MESSAGE_OVERHEAD_S)

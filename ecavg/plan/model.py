@@ -25,22 +25,29 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-# Flower's cost per message exchange = its own routing (a SuperNode polls the SuperLink every 3 s when idle, a
-# reply waits in 0.5 s steps, SuperExec launches a process) + starting the edge's process (importing PyTorch and
-# ecavg, loading and partitioning the dataset: ``ecavg plan --calibrate`` times that here, in a subprocess).
-# Measured on the 2-core development machine (Flower 1.42, other sessions' runs loading it), see NOTES-plan.md:
+# Flower's cost per message exchange = FLOWER_ROUTING_S + starting the edge's process (importing PyTorch and
+# ecavg, loading and partitioning the dataset: ``ecavg plan --calibrate`` times that here, in a subprocess) + for a
+# message that trains, that process's first optimizer (TRAIN_START_S, below).
+# Measured 2026-12 on the 2-core development machine, Flower 1.42, PyTorch 2.14, under load ~13 from other
+# sessions' runs (see NOTES-plan.md):
+#   ecavg plan --config configs/quickstart.toml --set threads=1 --json     # just before and just after:
 #   ecavg deploy local --config configs/quickstart.toml --edges 2 --set threads=1 --output /tmp/plan-runs/ovh2
-#   with `ecavg plan --calibrate` timing the edge start just before and after;
-#   routing = mean over the pretrain and update exchanges of (phase wall - compute - edge start).
-FLOWER_ROUTING_S = 3.0
-EDGE_START_S = 8.0  # the edge start in that measurement, used when it is not timed here (--from)
+# gave an edge process start of 17.7 / 22.6 s (before / after; mean 20.1 s) and phase_wall_s hello 37.3 s,
+# pretrain 48.1 s, update 33.5 s, with compute 2.05 s (pretrain) and 0.03 s (update), and the server's fine-tuning
+# 15.1 s for 4.1 s of compute (its first optimizer: 11.0 s). What is left of a message exchange:
+#   update 33.5 - 0.03 - 20.1 = 13.3 s; pretrain 48.1 - 2.05 - 20.1 - 11.0 = 14.9 s; mean 14.1 s.
+# That residual is Flower's polling (a SuperNode polls every 3 s when idle, a reply waits in 0.5 s steps) plus,
+# on that machine, the CPU contention of the SuperLink, 2 SuperNodes and 2 ClientApps starting at once on 2 loaded
+# cores; on an idle machine docs/deploy.md section 6 measured whole exchanges of 4.4 s (update).
+FLOWER_ROUTING_S = 14.1
+EDGE_START_S = 20.1  # used when the start is not timed here (--from)
 MESSAGE_OVERHEAD_S = FLOWER_ROUTING_S + EDGE_START_S
-# The first message (hello) costs this much more (the SuperNode fetches and installs the app): hello wall minus
-# the mean overhead of the later exchanges, in the same measurement.
-HELLO_EXTRA_S = 0.0
+# The first message (hello) costs more (the SuperNode fetches and installs the app): 37.3 - 20.1 - 14.1 s.
+HELLO_EXTRA_S = 3.1
 HELLO_OVERHEAD_S = MESSAGE_OVERHEAD_S + HELLO_EXTRA_S
-# A process's first optimizer imports torch._dynamo (PyTorch 2.14): timed by --calibrate in the same subprocess.
-TRAIN_START_S = 10.0
+# A process's first optimizer imports torch._dynamo (PyTorch 2.14): timed by --calibrate in the same subprocess;
+# this default is the server's first fine-tuning in the measurement above (15.1 s - 4.1 s of compute).
+TRAIN_START_S = 11.0
 
 COMPUTE, COMMUNICATION, OVERHEAD = "compute", "communication", "overhead"
 
