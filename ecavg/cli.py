@@ -319,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--from", dest="from_run", type=Path, metavar="RUN_DIR",
                         help="take compute rates from an earlier run of the same model and dataset")
     plan.add_argument("--message-overhead", type=float, metavar="SECONDS",
-                      help="Flower's cost per message exchange (default: measured on the development machine)")
+                      help="seconds per message exchange, replacing Flower's routing + the edge process start "
+                           "(default: routing measured on the development machine + the start timed here)")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.set_defaults(func=_cmd_plan)
 
