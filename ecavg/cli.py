@@ -1,4 +1,4 @@
-"""Command line: ``ecavg run``, ``sweep``, ``deploy``, ``certs`` and ``options``."""
+"""Command line: ``ecavg run``, ``sweep``, ``deploy``, ``plan``, ``certs`` and ``options``."""
 
 from __future__ import annotations
 
@@ -188,6 +188,26 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from ecavg.config import apply_overrides, load_toml, resolve_config
+    from ecavg.deploy.rates import parse_cpu_share, parse_edge_values, parse_rate
+    from ecavg.plan import make_plan, plan_table
+    from ecavg.plan.inputs import run_config
+
+    if args.config is None and args.from_run is None:
+        raise _UsageError("give --config FILE (and/or --from RUN_DIR, whose config is used otherwise)")
+    user = load_toml(args.config) if args.config is not None else run_config(args.from_run)
+    cfg = resolve_config(apply_overrides(user, args.overrides))
+    edges = cfg["data"]["num_edges"]
+    plan = make_plan(cfg, data_dir=args.data_dir, from_run=args.from_run, message_overhead_s=args.message_overhead,
+                     links=parse_edge_values(args.links, edges, parse_rate, flag="--link"),
+                     cpu_shares=parse_edge_values(args.edge_cpu, edges, parse_cpu_share, flag="--edge-cpu"))
+    print(json.dumps(plan, indent=2) if args.json else plan_table(plan))
+    return 0
+
+
 def _cmd_options(args: argparse.Namespace) -> int:
     """Every choice made through a registry, its options and the config keys they add."""
     from ecavg.config import schema
@@ -281,6 +301,28 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument("--root-certificates", required=True, metavar="CA.crt",
                          help="the CA that signed it, to verify the SuperLink")
     gateway.set_defaults(func=_cmd_gateway)
+
+    plan = sub.add_parser("plan", help="predict the wall time of each phase of a Flower deployment from the "
+                                       "compute, the bytes per transfer, the edges' links and CPU shares")
+    plan.add_argument("--config", "-c", type=Path, help="experiment TOML file (default with --from: that run's)")
+    plan.add_argument("--data-dir", "-d", help="directory holding <dataset>/ folders (not needed for mnist-sample)")
+    plan.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config key (repeatable)")
+    plan.add_argument("--link", dest="links", action="append", default=[], metavar="NAME=RATE",
+                      help="an edge's link rate, both ways: edge-K=10mbit, or all=1mbit (repeatable; default: "
+                           "unlimited)")
+    plan.add_argument("--edge-cpu", action="append", default=[], metavar="NAME=SHARE",
+                      help="an edge's share of one CPU core, e.g. edge-1=0.25 (needs threads = 1; repeatable)")
+    source = plan.add_mutually_exclusive_group()
+    source.add_argument("--calibrate", action="store_true", help="measure compute here: a few training batches "
+                                                                 "of the model (the default)")
+    source.add_argument("--from", dest="from_run", type=Path, metavar="RUN_DIR",
+                        help="take compute rates from an earlier run of the same model and dataset")
+    plan.add_argument("--message-overhead", type=float, metavar="SECONDS",
+                      help="seconds per message exchange, replacing Flower's routing + the edge process start "
+                           "(default: routing measured on the development machine + the start timed here)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.set_defaults(func=_cmd_plan)
 
     options = sub.add_parser("options", help="list the strategies, aggregation rules, server objectives, ... and "
                                                  "the config keys each adds")

@@ -1,0 +1,126 @@
+"""``ecavg plan``: how long each phase of a run will take deployed on Flower, before running it.
+
+``ecavg.plan.model`` is the time model (a pure function of numbers, unit-tested); ``ecavg.plan.inputs`` counts
+the bytes, builds the partition and measures (``--calibrate``) or reads (``--from RUN_DIR``) the compute rates;
+:func:`make_plan` puts them together and :func:`plan_table` prints the result.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+from ecavg.deploy.rates import format_rate
+from ecavg.errors import ConfigError
+from ecavg.plan.model import (
+    FLOWER_ROUTING_S,
+    MESSAGE_OVERHEAD_S,
+    ComputeRates,
+    EdgeInputs,
+    Payloads,
+    PhaseEstimate,
+    PlanInputs,
+    crossover_rate_bps,
+    predict,
+    round_summary,
+)
+
+__all__ = [
+    "FLOWER_ROUTING_S",
+    "MESSAGE_OVERHEAD_S",
+    "ComputeRates",
+    "EdgeInputs",
+    "Payloads",
+    "PhaseEstimate",
+    "PlanInputs",
+    "crossover_rate_bps",
+    "make_plan",
+    "plan_table",
+    "predict",
+    "round_summary",
+]
+
+
+def make_plan(cfg: dict[str, Any], *, data_dir: str | None, links: Mapping[str, float],
+              cpu_shares: Mapping[str, float], from_run: Path | None = None,
+              message_overhead_s: float | None = None) -> dict[str, Any]:
+    """The plan of ``cfg`` (resolved): inputs, per-phase estimates and the run's summary, as JSON-ready data."""
+    from ecavg.plan import inputs
+
+    if cfg["strategy"] not in ("ecavg", "fedavg", "centralized", "local"):
+        raise ConfigError(f"ecavg plan has no time model for strategy = {cfg['strategy']!r} "
+                          "(it models ecavg, fedavg, centralized and local)")
+    if message_overhead_s is not None and not 0.0 <= message_overhead_s < float("inf"):
+        raise ConfigError(f"--message-overhead must be a number of seconds >= 0, got {message_overhead_s!r}")
+    basis_threads = inputs.run_config(from_run).get("threads") if from_run is not None else cfg["threads"]
+    if cpu_shares and basis_threads != 1:
+        where = f"the run in {from_run} used" if from_run is not None else "the config has"
+        raise ConfigError(f"--edge-cpu is a share of one core, relative to one-thread compute, but {where} "
+                          f"threads = {basis_threads}; plan with --set threads=1 (and deploy with it too)")
+    participants = inputs.setup(cfg, data_dir)
+    if from_run is not None:
+        rates, source = inputs.rates_from_run(from_run, cfg), f"read from {from_run}"
+    else:
+        rates = inputs.calibrate(cfg, participants, data_dir=data_dir)
+        source = (f"calibrated here (threads = {cfg['threads']}; edge process start {rates.edge_start_s:.1f} s, "
+                  f"first optimizer {rates.train_start_s:.1f} s)")
+    plan_in = inputs.plan_inputs(cfg, participants, rates, data_dir=data_dir, links=links, cpu_shares=cpu_shares,
+                                 message_overhead_s=message_overhead_s)
+    phases = predict(plan_in)
+    crossover = crossover_rate_bps(plan_in)
+    return {
+        "config": {"strategy": cfg["strategy"], "dataset": cfg["data"]["dataset"], "model": cfg["model"]["name"],
+                   "edges": cfg["data"]["num_edges"], "transfer": dict(cfg["transfer"]), "threads": cfg["threads"]},
+        "compute_source": source,
+        "rates": plan_in.rates.__dict__,
+        "payloads": plan_in.payloads.__dict__,
+        "edges": [e.__dict__ for e in plan_in.edges],
+        "message_overhead_s": plan_in.message_overhead_s,
+        "hello_overhead_s": plan_in.hello_overhead_s,
+        "train_start_s": plan_in.train_start_s,
+        "phases": [ph.to_dict() for ph in phases],
+        "summary": round_summary(phases),
+        "crossover_rate_bps": crossover,
+    }
+
+
+def _bytes(n: int) -> str:
+    if n == 0:
+        return "-"
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n} B"
+
+
+def plan_table(plan: Mapping[str, Any]) -> str:
+    """The plan as text: one row per phase (the slowest edge's figures), then the run's total."""
+    c = plan["config"]
+    transfer = c["transfer"]["codec"] + ("+delta" if c["transfer"]["delta"] else "")
+    links = sorted({format_rate(e["rate_bps"]) if e["rate_bps"] else "unlimited" for e in plan["edges"]})
+    lines = [f"Plan: {c['strategy']} on {c['dataset']}, {c['model']}, {c['edges']} edges, transfer {transfer}, "
+             f"links {', '.join(links)}; compute {plan['compute_source']}",
+             f"Weights payload {_bytes(plan['payloads']['whole'])} whole"
+             + (f", {_bytes(plan['payloads']['upload'])} as a delta" if plan["payloads"]["delta"] else "")
+             + f"; Flower overhead {plan['message_overhead_s']:.1f} s per message ({plan['hello_overhead_s']:.1f} s "
+               "for the first)", ""]
+    header = ("phase", "compute s", "transfer s", "overhead s", "total s", "down/edge", "up/edge", "slowest",
+              "dominant")
+    rows = [header] + [(ph["phase"], f"{ph['compute_s']:.2f}", f"{ph['transfer_s']:.2f}", f"{ph['overhead_s']:.2f}",
+                        f"{ph['total_s']:.2f}", _bytes(ph["bytes_down"]), _bytes(ph["bytes_up"]), ph["slowest"],
+                        ph["dominant"]) for ph in plan["phases"]]
+    s = plan["summary"]
+    rows.append(("run", f"{s['compute_s']:.2f}", f"{s['communication_s']:.2f}", f"{s['overhead_s']:.2f}",
+                 f"{s['total_s']:.2f}", "", "", "", s["dominant"]))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    for k, row in enumerate(rows):
+        lines.append("  ".join(cell.ljust(w) if i in (0, 7, 8) else cell.rjust(w)
+                               for i, (cell, w) in enumerate(zip(row, widths))).rstrip())
+        if k == 0 or k == len(rows) - 2:
+            lines.append("  ".join("-" * w for w in widths))
+    if plan["crossover_rate_bps"]:
+        lines += ["", f"Transfers outweigh compute below {format_rate(plan['crossover_rate_bps'])} per edge link "
+                      "(the slowest edge's bytes over the run's compute time)."]
+    if not any(e["rate_bps"] for e in plan["edges"]):
+        lines.append("No --link given: transfers count as instantaneous.")
+    return "\n".join(lines)
