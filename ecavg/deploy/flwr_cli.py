@@ -162,3 +162,10 @@ def save_run_log(run_cli: RunCli, run_id: int, path: Path) -> None:
         path.write_text(result.stdout + result.stderr)
     except (subprocess.TimeoutExpired, OSError) as error:
         log.warning("could not save the ServerApp log to %s: %s", path, error)
+
+
+def unregister_node(run_cli: RunCli, node_id: int) -> bool:
+    """``flwr supernode unregister``: the SuperLink stops listing the node at once and answers the messages waiting
+    for it with "Node Unavailable". True when the CLI reported success."""
+    result = run_cli(["supernode", "unregister", str(node_id), CONNECTION, "--format", "json"], timeout=CLI_TIMEOUT_S)
+    return result.returncode == 0
