@@ -224,8 +224,8 @@ class LocalFederation:
     Every process carries ``workdir`` as its tag (see ``reaper.py``).
 
     A SuperNode that exits while the federation runs (killed, crashed) is unregistered from the SuperLink by a
-    watcher thread (``flwr supernode unregister``), so that the ServerApp sees it gone within seconds rather than
-    after Flower's heartbeat deadline (60 s); with ``warm_clientapp`` its ClientApp runner is watched too, and
+    watcher thread (as ``flwr supernode unregister`` does), so that the ServerApp sees it gone within seconds rather
+    than after Flower's heartbeat deadline (60 s); with ``warm_clientapp`` its ClientApp runner is watched too, and
     whichever of the two exits takes the other with it. ``gone`` records when each was seen gone.
     """
 
@@ -389,7 +389,8 @@ class LocalFederation:
                 if node is None or self._stopping.is_set():
                     continue
                 try:
-                    self.unregistered[label] = unregister_node(self.flwr, node)
+                    self.unregistered[label] = unregister_node(
+                        self.flwr, node, address=self.address, root_certificates=self.tls.ca_cert if self.tls else None)
                 except (OSError, subprocess.SubprocessError) as error:
                     self.unregistered[label] = False
                     log.warning("could not unregister %s (node %d) from the SuperLink: %s", label, node, error)
