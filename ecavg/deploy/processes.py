@@ -377,6 +377,8 @@ class LocalFederation:
 
     def _watch(self) -> None:
         """Until :meth:`stop`: a SuperNode or its runner that exited takes the other down and is unregistered."""
+        with contextlib.suppress(ImportError):  # now, not when a node dies: importing takes seconds under load
+            import flwr.supercore.control  # noqa: F401
         while not self._stopping.wait(WATCH_INTERVAL_S):
             for label, runner in list(self.supernodes.items()):
                 if label in self.gone or all(self.alive(x) for x in (label, runner) if x is not None):
@@ -394,8 +396,9 @@ class LocalFederation:
                 except (OSError, subprocess.SubprocessError) as error:
                     self.unregistered[label] = False
                     log.warning("could not unregister %s (node %d) from the SuperLink: %s", label, node, error)
-                log.info("%s (node %d) exited; %s", label, node, "unregistered it from the SuperLink"
-                         if self.unregistered[label] else "the SuperLink will notice when its heartbeats stop")
+                log.info("%s (node %d) exited; %s (%.1f s later)", label, node, "unregistered it from the SuperLink"
+                         if self.unregistered[label] else "could not unregister it: the SuperLink will notice when its "
+                         "heartbeats stop", time.monotonic() - self.gone[label])
 
     def register_node(self, public_key: Path) -> None:
         """Register a SuperNode's public key with the SuperLink (needed when node authentication is on)."""
