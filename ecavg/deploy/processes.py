@@ -358,9 +358,16 @@ class LocalFederation:
             runner = f"{label}-clientapp"
             self.spawn(runner, [sys.executable, "-m", "ecavg.runtime.flower.warm_clientapp", "--runtime-api-address",
                                 f"127.0.0.1:{runtime_port}", "--insecure", "--parent-pid", str(process.pid)])
-        self.supernodes[label] = runner
-        self._start_watcher()
+        self.watch_supernode(label, runner)
         return process
+
+    def watch_supernode(self, label: str, runner: str | None = None) -> None:
+        """Watch process ``label`` (a SuperNode) and ``runner`` (its ClientApp runner, if any) until :meth:`stop`:
+        when either exits, the other is killed and the node unregistered from the SuperLink."""
+        self.supernodes[label] = runner
+        if self._watcher is None:
+            self._watcher = threading.Thread(target=self._watch, name="supernode-watcher", daemon=True)
+            self._watcher.start()
 
     def node_id(self, label: str) -> int | None:
         """The node id the SuperLink gave SuperNode ``label``, from its log (None until it connected)."""
@@ -369,11 +376,6 @@ class LocalFederation:
         except OSError:
             return None
         return int(match.group(1)) if match else None
-
-    def _start_watcher(self) -> None:
-        if self._watcher is None:
-            self._watcher = threading.Thread(target=self._watch, name="supernode-watcher", daemon=True)
-            self._watcher.start()
 
     def _watch(self) -> None:
         """Until :meth:`stop`: a SuperNode or its runner that exited takes the other down and is unregistered."""
