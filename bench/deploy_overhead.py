@@ -78,6 +78,9 @@ def deployed(mode: str, scratch: Path) -> dict[str, Any]:
     user = load_toml(CONFIG)
     user["threads"] = 1
     user.setdefault("name", "quickstart")
+    # A loaded machine has taken more than the default 300 s to start the first ClientApp processes: this measures,
+    # it does not test the timeout.
+    user["deploy"] = {**user.get("deploy", {}), "connect_timeout_s": 1800.0}
     started = time.monotonic()
     results = deploy_local(user, edges=NUM_EDGES, output_dir=scratch / f"deploy-{mode}", timeout_s=1800,
                            warm_clientapps=mode == "warm")
@@ -97,14 +100,33 @@ def embedded(scratch: Path) -> dict[str, Any]:
             "edge_accuracy_after": [e["accuracy_after"] for e in results["edges"]]}
 
 
-def phase_rows(deploy: dict[str, Any], embed: dict[str, Any], floor: dict[str, Any]) -> list[dict[str, Any]]:
+def measured(stage, label: str) -> dict[str, Any]:
+    """One stage's figures with the load average after it; a stage that fails is recorded, and the others run."""
+    started_load = load_average()
+    try:
+        result = stage()
+    except Exception as error:  # noqa: BLE001 - a loaded machine can time a stage out: keep the rest of the run
+        print(f"  {label}: FAILED: {error}")
+        return {"error": f"{type(error).__name__}: {error}"[:2000], "load_average_before": started_load,
+                "load_average": load_average()}
+    print(f"  {label}: {result.get('rounds') or result.get('phase_wall_s') or result.get('timing_s')}")
+    return {**result, "load_average_before": started_load, "load_average": load_average()}
+
+
+def phase_rows(deploy: dict[str, Any], embed: dict[str, Any], floors: dict[str, dict[str, Any]],
+               ) -> list[dict[str, Any]]:
+    """Per phase: deployed, embedded, their difference, and for each floor measured its value and the excess."""
     rows = []
     for phase, wall in deploy["phase_wall_s"].items():
         base = float(embed["timing_s"].get(phase, 0.0))  # the hello and the data upload have no embedded twin
-        floor_s = floor["first_round_s"] if phase == "hello" else floor["median_round_s"]
-        rows.append({"phase": phase, "deployed_s": round(wall, 3), "embedded_s": round(base, 3),
-                     "deployed_minus_embedded_s": round(wall - base, 3), "floor_s": round(floor_s, 3),
-                     "excess_over_floor_s": round(wall - base - floor_s, 3)})
+        row: dict[str, Any] = {"phase": phase, "deployed_s": round(wall, 3), "embedded_s": round(base, 3),
+                               "deployed_minus_embedded_s": round(wall - base, 3)}
+        for mode, floor in floors.items():
+            key = mode.replace("-", "_")
+            floor_s = floor["first_round_s"] if phase == "hello" else floor["median_round_s"]
+            row[f"floor_{key}_s"] = round(floor_s, 3)
+            row[f"excess_over_floor_{key}_s"] = round(wall - base - floor_s, 3)
+        rows.append(row)
     return rows
 
 
@@ -117,24 +139,28 @@ def run(modes: Sequence[str] = MODES, rounds: int = DEFAULT_ROUNDS) -> dict[str,
     with tempfile.TemporaryDirectory(prefix="ecavg-bench-deploy-") as tmp:
         scratch = Path(tmp)
         for mode in modes:
-            body["floor"][mode] = {**noop_floor(mode, rounds, scratch), "load_average": load_average()}
-            print(f"  no-op floor ({mode}): rounds {body['floor'][mode]['rounds']} s")
+            body["floor"][mode] = measured(lambda m=mode: noop_floor(m, rounds, scratch), f"no-op floor ({mode})")
         for mode in modes:
-            body["deployed"][mode] = {**deployed(mode, scratch), "load_average": load_average()}
-            print(f"  deploy local ({mode}): {body['deployed'][mode]['phase_wall_s']}")
-        body["embedded"] = {**embedded(scratch), "load_average": load_average()}
-    floor = body["floor"].get("per-message") or next(iter(body["floor"].values()))
-    for mode in modes:
-        rows = phase_rows(body["deployed"][mode], body["embedded"], floor)
+            body["deployed"][mode] = measured(lambda m=mode: deployed(m, scratch), f"deploy local ({mode})")
+        body["embedded"] = measured(lambda: embedded(scratch), "embedded")
+    floors = {m: f for m, f in body["floor"].items() if "error" not in f}
+    if not floors or "error" in body["embedded"]:
+        body["summary"] = {"error": "no floor or no embedded run was measured"}
+        return body
+    summary: dict[str, Any] = {"embedded_wall_s": body["embedded"]["wall_s"],
+                               "floor_median_round_s": {m: f["median_round_s"] for m, f in floors.items()}}
+    for mode in [m for m in modes if "error" not in body["deployed"][m]]:
+        rows = phase_rows(body["deployed"][mode], body["embedded"], floors)
         body["phases"][mode] = rows
-        print_table(f"deploy local ({mode} ClientApps) against embedded, floor = the no-op app's round trip "
-                    f"({floor['mode']} ClientApps)",
-                    ["phase", "deployed s", "embedded s", "deployed - embedded", "floor s", "excess over floor"],
-                    [[r["phase"], r["deployed_s"], r["embedded_s"], r["deployed_minus_embedded_s"], r["floor_s"],
-                      r["excess_over_floor_s"]] for r in rows])
-    body["summary"] = {mode: {"max_excess_over_floor_s": max(r["excess_over_floor_s"] for r in rows),
-                              "goal_excess_within_1s": all(r["excess_over_floor_s"] <= 1.0 for r in rows),
-                              "deployed_wall_s": body["deployed"][mode]["wall_s"]}
-                       for mode, rows in body["phases"].items()}
-    body["summary"]["embedded_wall_s"] = body["embedded"]["wall_s"]
+        print_table(f"deploy local ({mode} ClientApps) against embedded and the no-op app's round trip (floor) "
+                    f"with each kind of ClientApp",
+                    ["phase", "deployed s", "embedded s", "deployed - embedded",
+                     *[f"{label} {m}" for m in floors for label in ("floor", "excess over")]],
+                    [[r["phase"], r["deployed_s"], r["embedded_s"], r["deployed_minus_embedded_s"],
+                      *[r[f"{key}_{m.replace('-', '_')}_s"] for m in floors for key in ("floor", "excess_over_floor")]]
+                     for r in rows])
+        summary[mode] = {"deployed_wall_s": body["deployed"][mode]["wall_s"],
+                         **{f"max_excess_over_floor_{k}_s": max(r[f"excess_over_floor_{k}_s"] for r in rows)
+                            for k in (m.replace("-", "_") for m in floors)}}
+    body["summary"] = summary
     return body
