@@ -8,6 +8,8 @@ Nothing a launcher starts may outlive it, however it ends:
   that :class:`WorkDir` starts stops everything tagged with the work directory (Flower's SuperExec, ServerApp
   and ClientApp processes included, which the kernel signal does not reach) and removes the directory;
 - if the watchdog was killed too, the next ``ecavg deploy`` removes the work directories whose lock nobody holds.
+
+A little over 450 lines: the watcher of the SuperNodes belongs with the processes it watches and stops.
 """
 
 from __future__ import annotations
