@@ -8,6 +8,8 @@ Sections (default: training, aggregation, transfer; ``experiments`` joins them i
   experiments  variants of the trainer (threads, memory format, batch size, bf16 autocast, torch.compile)
   e2e          (long, only with --e2e or --sections e2e) CIFAR-10 MobileNetV2 ECAvg end to end
   scale        (only with --sections scale) ECAvg with 10, 100, 1,000 edges: wall time, peak RSS, checkpoint disk
+  deploy-overhead  (only with --sections deploy-overhead) `ecavg deploy local` per phase against embedded and
+               against a no-op Flower app's round trip on the same kind of federation (written as deploy_overhead)
 
 Every section prints a table and is merged into bench/results/latest.json (schema in bench/README.md).
 """
@@ -35,7 +37,7 @@ from bench.common import (
     write_results,
 )
 
-SECTIONS = ("training", "aggregation", "transfer", "experiments", "e2e", "scale")
+SECTIONS = ("training", "aggregation", "transfer", "experiments", "e2e", "scale", "deploy-overhead")
 DEFAULT_SECTIONS = ("training", "aggregation", "transfer")
 
 
@@ -58,6 +60,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                          "(embedded; default 10,100,1000)")
     parser.add_argument("--scale-sim-ks", default=None, help="comma-separated numbers of edges for the scale "
                                                              "section's Flower simulation (default 10,100; '' none)")
+    parser.add_argument("--deploy-modes", default="per-message,warm",
+                        help="deploy-overhead: ClientApp modes to measure (per-message: Flower's fresh process per "
+                             "message; warm: --warm-clientapps)")
+    parser.add_argument("--noop-rounds", type=int, default=None, help="deploy-overhead: rounds of the no-op app")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR,
                         help="where the plain baseline's extracted JPEG trees live")
@@ -126,11 +132,16 @@ def main(argv: list[str] | None = None) -> int:
 
             body = scale.run(args.data_dir, numbers(args.scale_ks, scale.DEFAULT_KS),
                              numbers(args.scale_sim_ks, scale.DEFAULT_SIM_KS))
+        elif name == "deploy-overhead":
+            from bench import deploy_overhead
+
+            body = deploy_overhead.run([m.strip() for m in args.deploy_modes.split(",") if m.strip()],
+                                       rounds=args.noop_rounds or deploy_overhead.DEFAULT_ROUNDS)
         else:  # pragma: no cover - selected_sections validates names
             raise AssertionError(name)
         body = {**body, "seconds": time.perf_counter() - section_started,
                 "load_average_before": load_before, "load_average_after": load_average()}
-        path = write_results({name: body}, path=args.output, command=command)
+        path = write_results({name.replace("-", "_"): body}, path=args.output, command=command)
         print(f"[{name}: {body['seconds']:.0f} s; load average {load_before} -> {body['load_average_after']}; "
               f"written to {path}]")
     print(f"bench: done in {time.perf_counter() - started:.0f} s")

@@ -106,7 +106,8 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
     try:
         if args.where == "local":
             results = deploy_local(user, edges=args.edges, data_dir=args.data_dir, output_dir=args.output,
-                                   tls=args.tls, node_auth=args.auth, timeout_s=args.timeout)
+                                   tls=args.tls, node_auth=args.auth, timeout_s=args.timeout,
+                                   warm_clientapps=args.warm_clientapps)
         elif args.where == "sim":
             results = deploy_simulation(user, edges=args.edges, data_dir=args.data_dir, output_dir=args.output,
                                         cpus_per_edge=args.cpus_per_edge, timeout_s=args.timeout)
@@ -270,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--tls", action="store_true", help="TLS on every connection (throw-away CA in the output)")
     local.add_argument("--auth", action="store_true", help="SuperNode authentication (needs --tls)")
     local.add_argument("--timeout", type=float, metavar="SECONDS", help="give up after this long")
+    local.add_argument("--warm-clientapps", action=argparse.BooleanOptionalAction, default=False,
+                       help="one long-lived ClientApp process per SuperNode (imports PyTorch and loads the edge's "
+                            "data once) instead of Flower's fresh process per message")
     local.set_defaults(func=_cmd_deploy)
     sim = deploy_sub.add_parser("sim", help="Flower's simulation runtime (Ray): many edges on this machine")
     _add_run_arguments(sim)

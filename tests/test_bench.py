@@ -213,3 +213,28 @@ def test_scale_measures_one_run_in_a_subprocess(tmp_path):
     # The default run checkpoints the shared init, a running sum (released), the average and the fine-tune.
     assert 1 <= row["checkpoint_models"] <= row["checkpoint_peak_models"] <= 3.5
     assert scale.disk_bytes(tmp_path / "nothing-here") == 0
+
+
+def test_the_noop_floor_app_imports_flower_only_and_its_rows_subtract_the_floor():
+    """The floor must be Flower's own cost: a ClientApp process of the no-op app imports neither torch nor ecavg."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("flwr")
+    check = ("import sys, bench.noop_app.client as c; "
+             "assert c.client_app is not None; "
+             "print(sorted(m for m in ('torch', 'ecavg') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True,
+                         cwd=common.REPO_ROOT).stdout.strip()
+    assert out == "[]"
+    from bench import deploy_overhead
+
+    rows = deploy_overhead.phase_rows(
+        {"phase_wall_s": {"hello": 10.0, "pretrain": 12.0}}, {"timing_s": {"pretrain": 2.0, "init": 1.0}},
+        {"per-message": {"first_round_s": 8.0, "median_round_s": 5.0},
+         "warm": {"first_round_s": 3.0, "median_round_s": 3.5}})
+    assert rows[0] == {"phase": "hello", "deployed_s": 10.0, "embedded_s": 0.0, "deployed_minus_embedded_s": 10.0,
+                       "floor_per_message_s": 8.0, "excess_over_floor_per_message_s": 2.0, "floor_warm_s": 3.0,
+                       "excess_over_floor_warm_s": 7.0}
+    assert rows[1]["deployed_minus_embedded_s"] == 10.0 and rows[1]["excess_over_floor_warm_s"] == 6.5
+    assert "deploy-overhead" in bench_run.SECTIONS

@@ -186,3 +186,34 @@ def test_a_stale_work_directory_is_removed_with_its_processes_and_a_live_one_is_
             orphan.wait()
     assert not live.path.exists()
     assert live.watchdog.poll() is not None, "the watchdog did not exit when its launcher closed the directory"
+
+
+@pytest.mark.parametrize("dies", ["supernode", "runner"])
+def test_a_supernode_or_its_runner_that_exits_takes_the_other_down_and_is_unregistered(tmp_path, monkeypatch, dies):
+    """Without this, Flower drops a killed SuperNode only after 60 s of missing heartbeats (tests/test_faults.py
+    measures the whole path); here the SuperNode is a stand-in that prints Flower's node-id line."""
+    unregistered = []
+    monkeypatch.setattr("ecavg.deploy.processes.unregister_node",
+                        lambda run_cli, node_id, **where: unregistered.append((node_id, where)) or True)
+    (tmp_path / "work").mkdir()
+    federation = LocalFederation(tmp_path / "work", tmp_path / "logs", port=1)
+    federation.spawn("edge-0", [sys.executable, "-c", "print('INFO: SuperNode ID: 4242', flush=True); "
+                                                      "import time; time.sleep(60)"])
+    federation.spawn("edge-0-clientapp", [sys.executable, "-c", "import time; time.sleep(60)"])
+    federation.spawn("edge-1", [sys.executable, "-c", "print('SuperNode ID: 7', flush=True); "
+                                                      "import time; time.sleep(60)"])
+    try:
+        _wait_for(lambda: federation.node_id("edge-0") == 4242 and federation.node_id("edge-1") == 7, 30,
+                  "the stand-ins' node-id lines")
+        federation.watch_supernode("edge-0", "edge-0-clientapp")
+        federation.watch_supernode("edge-1")
+        federation.kill("edge-0" if dies == "supernode" else "edge-0-clientapp")
+        _wait_for(lambda: bool(unregistered), 10, "the dead node unregistered")
+        assert not federation.alive("edge-0") and not federation.alive("edge-0-clientapp")
+        assert unregistered == [(4242, {"address": "127.0.0.1:1", "root_certificates": None})]
+        assert federation.unregistered == {"edge-0": True} and list(federation.gone) == ["edge-0"]
+        assert federation.alive("edge-1")
+    finally:
+        federation.stop()
+    time.sleep(2 * 0.25)  # the watcher is stopped with the federation: the nodes stop() ended are not unregistered
+    assert [node for node, _ in unregistered] == [4242] and not federation.alive("edge-1")

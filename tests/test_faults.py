@@ -6,8 +6,9 @@ Each test disturbs one run on the MNIST sample (tiny config, one thread everywhe
 * nothing is left running (the launcher's process groups, and a /proc scan for its tag);
 * nothing half-written in the output directory: no ``*.tmp``, no ``results.json`` on failure, no
   ``edge-N.safetensors`` for an edge that dropped out (results.json names it, ``edges[i].missing``);
-* an edge whose SuperNode dies is given up when Flower says it is gone (its heartbeat deadline, about 60 s
-  after the last heartbeat), not after ``round_timeout_s`` (set to 900 s here, so waiting for it fails).
+* an edge whose SuperNode dies is given up when Flower says it is gone, not after ``round_timeout_s`` (set to
+  900 s here, so waiting for it fails): the launcher sees the SuperNode exit and unregisters it from the SuperLink
+  (without that, Flower would wait for its heartbeat deadline, about 60 s after the last heartbeat).
 
 Each test prints a ``FAULT-TIMING`` line (run with ``-s``): the phase's wall time against its normal time (the
 surviving edge's reply). Covered elsewhere, not repeated here: an edge killed with every edge required
@@ -136,6 +137,13 @@ def check_dropped(results: dict, name: str, phase: str) -> None:
     assert deploy["phase_wall_s"][phase] < ROUND_TIMEOUT_S / 3, deploy
 
 
+def assert_unregistered(out: Path) -> None:
+    """The launcher told the SuperLink that the killed SuperNode is gone (LocalFederation's watcher)."""
+    superlink_log = (out / "logs" / "superlink.log").read_text(errors="replace")
+    assert re.search(r'"POST /v1/control/unregister-node HTTP/1\.1" 200', superlink_log), \
+        "the killed SuperNode was not unregistered from the SuperLink"
+
+
 def report(case: str, phase: str, results: dict) -> None:
     deploy = results["deploy"]
     normal = max(deploy["reply_s"][phase].values())
@@ -163,6 +171,7 @@ def test_an_edge_killed_during_pre_training(tmp_path):
     try:
         assert list(results["missing_edges"]) == ["edge-1"]
         check_dropped(results, "edge-1", "pretrain")
+        assert_unregistered(out)
         edges = {e["name"]: e for e in results["edges"]}
         assert edges["edge-1"]["accuracy_before"] is None
         assert edges["edge-0"]["accuracy_after"] > 0.5 and results["server"]["accuracy_finetuned"] > 0.5
@@ -180,6 +189,7 @@ def test_an_edge_killed_during_the_data_upload(tmp_path):
     try:
         assert list(results["missing_edges"]) == ["edge-1"]
         check_dropped(results, "edge-1", "data")
+        assert_unregistered(out)
         assert results["server"]["accuracy_finetuned"] > 0.5  # trained on edge-0's data alone
         assert set(results["deploy"]["reply_s"]["update"]) == {"edge-0"}  # edge-1 got no further message
         report("edge killed in the data upload", "data", results)
@@ -194,6 +204,7 @@ def test_an_edge_killed_during_the_update(tmp_path):
     try:
         assert list(results["missing_edges"]) == ["edge-1"]
         check_dropped(results, "edge-1", "update")
+        assert_unregistered(out)
         edges = {e["name"]: e for e in results["edges"]}
         assert edges["edge-1"]["accuracy_before"] is not None  # it did pre-train
         assert edges["edge-0"]["accuracy_after"] is not None and edges["edge-0"]["missing"] is None

@@ -88,13 +88,15 @@ deploy = pytest.mark.deploy  # starts a real SuperLink/SuperNodes or a simulatio
 
 @deploy
 @needs_proc
-def test_deploy_local_reproduces_embedded_run(tmp_path):
+@pytest.mark.parametrize("warm", [False, True], ids=["per-message-clientapps", "warm-clientapps"])
+def test_deploy_local_reproduces_embedded_run(tmp_path, warm):
     user = _quick_config(name="determinism")
     embedded = run_experiment(resolve_config(user), output_dir=tmp_path / "embedded")
-    deployed = deploy_local(user, edges=2, output_dir=tmp_path / "deployed", timeout_s=240)
+    deployed = deploy_local(user, edges=2, output_dir=tmp_path / "deployed", timeout_s=240, warm_clientapps=warm)
     out = Path(deployed["output_dir"])
     try:
         assert deployed["runtime"] == "flower" and embedded["runtime"] == "embedded"
+        assert deployed["deploy"]["clientapp"] == ("warm" if warm else "per-message")
         assert deployed["missing_edges"] == {}
         for e_emb, e_dep in zip(embedded["edges"], deployed["edges"], strict=True):
             assert e_dep["name"] == e_emb["name"]
@@ -118,6 +120,11 @@ def test_deploy_local_reproduces_embedded_run(tmp_path):
             assert (out / name).exists(), name
         for name in ("superlink.log", "edge-0.log", "edge-1.log", "server.log", "serverapp.log"):
             assert (out / "logs" / name).stat().st_size > 0, name
+        if warm:  # every message ran in the one runner of each SuperNode: no ClientApp process was started
+            for k in range(2):
+                assert "Receiving: train.pretrain" in (out / "logs" / f"edge-{k}.log").read_text(errors="replace")
+                runner_log = (out / "logs" / f"edge-{k}-clientapp.log").read_text(errors="replace")
+                assert f"edge-{k} pretrain: test accuracy" in runner_log and f"edge-{k} update: kept" in runner_log
         # The weights went out once (pre-training) and came back once per edge; the data once per edge.
         assert deployed["deploy"]["data_bytes_up"] > 0
         assert deployed["bytes"]["downlink"] == embedded["bytes"]["downlink"]

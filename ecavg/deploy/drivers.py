@@ -267,6 +267,7 @@ def deploy_local(
     timeout_s: float | None = None,
     node_configs: Mapping[int, Mapping[str, Any]] | None = None,
     on_started: Callable[[LocalFederation], None] | None = None,
+    warm_clientapps: bool = False,
 ) -> dict[str, Any]:
     """Run one experiment on a SuperLink and N SuperNodes started on 127.0.0.1; returns the results dict.
 
@@ -274,7 +275,9 @@ def deploy_local(
     connection over TLS; ``node_auth`` also gives every SuperNode a key pair registered with the SuperLink,
     which then refuses any other SuperNode. ``node_configs`` adds to (or replaces) edge k's node config, e.g.
     ``{1: {"dataset": "imagefolder:/data/site1"}}``. ``on_started`` is called with the running federation
-    before the run is submitted (tests use it to watch or disturb the edges).
+    before the run is submitted (tests use it to watch or disturb the edges). ``warm_clientapps``: each SuperNode
+    runs its messages in one long-lived ClientApp runner (``ecavg.runtime.flower.warm_clientapp``) instead of a
+    fresh process per message.
     """
     if node_auth and not tls:
         raise ConfigError("SuperNode authentication needs TLS (the keys are exchanged over it); add --tls")
@@ -305,7 +308,8 @@ def deploy_local(
                 if node_auth and credentials is not None:
                     private_key, public_key = credentials.node_keys[k]
                     federation.register_node(public_key)
-                federation.start_supernode(f"edge-{k}", node_config, private_key=private_key)
+                federation.start_supernode(f"edge-{k}", node_config, private_key=private_key,
+                                           warm_clientapp=warm_clientapps)
             log.info("SuperLink on %s (%s) and %d SuperNodes started in %.1f s; logs in %s", federation.address,
                      "TLS" if tls else "insecure", num_edges, time.monotonic() - started, logs)
             if on_started is not None:
@@ -315,7 +319,9 @@ def deploy_local(
             run_id = submit_run(federation.flwr, app_dir)
             log.info("submitted run %d", run_id)
 
-            return _follow_local_run(federation, run_id, out, logs, timeout_s=timeout_s, started=started)
+            results = _follow_local_run(federation, run_id, out, logs, timeout_s=timeout_s, started=started)
+            results["deploy"]["clientapp"] = "warm" if warm_clientapps else "per-message"
+            return results
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -162,3 +162,29 @@ def save_run_log(run_cli: RunCli, run_id: int, path: Path) -> None:
         path.write_text(result.stdout + result.stderr)
     except (subprocess.TimeoutExpired, OSError) as error:
         log.warning("could not save the ServerApp log to %s: %s", path, error)
+
+
+def unregister_node(run_cli: RunCli, node_id: int, *, address: str, root_certificates: Path | None) -> bool:
+    """Unregister SuperNode ``node_id`` (what ``flwr supernode unregister`` does): the SuperLink stops listing it at
+    once and answers the messages waiting for it with "Node Unavailable". True when the SuperLink confirmed it.
+
+    The Control API is called from this process (milliseconds: the ``flwr`` CLI takes seconds to start on a loaded
+    machine); if that fails (a Flower whose client classes moved), the CLI is run instead."""
+    try:
+        from flwr.proto.control_pb2 import UnregisterNodeRequest  # pylint: disable=E0611
+        from flwr.supercore.control import ControlHttpClient
+        from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+
+        client = ControlHttpClient.from_server_address(
+            server_address=address, insecure=root_certificates is None,
+            root_certificates=str(root_certificates) if root_certificates is not None else None,
+            interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr CLI")])
+        try:
+            client.UnregisterNode(UnregisterNodeRequest(node_id=node_id))
+            return True
+        finally:
+            client.close()
+    except Exception as error:  # noqa: BLE001 - the CLI below is the documented way; it reports its own errors
+        log.debug("unregistering node %d through the Control API failed (%s); trying the flwr CLI", node_id, error)
+    result = run_cli(["supernode", "unregister", str(node_id), CONNECTION, "--format", "json"], timeout=CLI_TIMEOUT_S)
+    return result.returncode == 0

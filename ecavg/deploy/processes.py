@@ -8,6 +8,8 @@ Nothing a launcher starts may outlive it, however it ends:
   that :class:`WorkDir` starts stops everything tagged with the work directory (Flower's SuperExec, ServerApp
   and ClientApp processes included, which the kernel signal does not reach) and removes the directory;
 - if the watchdog was killed too, the next ``ecavg deploy`` removes the work directories whose lock nobody holds.
+
+A little over 450 lines: the watcher of the SuperNodes belongs with the processes it watches and stops.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -41,6 +44,7 @@ from ecavg.deploy.flwr_cli import (
     offline_env,
     register_node,
     toml_string,
+    unregister_node,
     write_connection,
 )
 from ecavg.errors import DeployError
@@ -51,6 +55,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("ecavg")
 
 STOP_GRACE_S = 10.0
+WATCH_INTERVAL_S = 0.25  # how often LocalFederation checks that its SuperNodes (and their ClientApp runners) live
+NODE_ID_LINE = re.compile(r"SuperNode ID: (-?\d+)")  # what flower-supernode logs once the SuperLink accepted it
 STARTUP_TIMEOUT_S = 60.0
 WORKDIR_KINDS = ("deploy", "sim", "submit")  # work directories are named ecavg-<kind>-<random>
 LOCK_FILE = ".lock"
@@ -218,6 +224,11 @@ class LocalFederation:
     Each process runs in its own session, so its process group id is its pid; stopping sends SIGTERM to
     that group (the process and the helpers Flower started under it), then SIGKILL after a grace period.
     Every process carries ``workdir`` as its tag (see ``reaper.py``).
+
+    A SuperNode that exits while the federation runs (killed, crashed) is unregistered from the SuperLink by a
+    watcher thread (as ``flwr supernode unregister`` does), so that the ServerApp sees it gone within seconds rather
+    than after Flower's heartbeat deadline (60 s); with ``warm_clientapp`` its ClientApp runner is watched too, and
+    whichever of the two exits takes the other with it. ``gone`` records when each was seen gone.
     """
 
     workdir: Path
@@ -227,8 +238,14 @@ class LocalFederation:
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     port: int = 0
     env: dict[str, str] = field(default_factory=dict)
+    # SuperNode label -> the label of its warm ClientApp runner (None: Flower starts a process per message).
+    supernodes: dict[str, str | None] = field(default_factory=dict)
+    gone: dict[str, float] = field(default_factory=dict)  # SuperNode label -> time.monotonic() it was seen gone
+    unregistered: dict[str, bool] = field(default_factory=dict)  # SuperNode label -> whether unregistering worked
 
     def __post_init__(self) -> None:
+        self._stopping = threading.Event()
+        self._watcher: threading.Thread | None = None
         self.flwr_home = self.workdir / "flwr-home"
         self.env = {**offline_env(self.flwr_home), reaper.TAG_VARIABLE: str(self.workdir)}
         self.logs_dir.mkdir(parents=True, exist_ok=True)
@@ -311,8 +328,12 @@ class LocalFederation:
                           f"see {self.logs_dir / 'superlink.log'}")
 
     def start_supernode(self, label: str, node_config: Mapping[str, Any], *, private_key: Path | None = None,
-                        ) -> subprocess.Popen:
-        """A SuperNode (one edge) with ``node_config`` (e.g. partition-id, data-dir), logging to ``<label>.log``."""
+                        warm_clientapp: bool = False) -> subprocess.Popen:
+        """A SuperNode (one edge) with ``node_config`` (e.g. partition-id, data-dir), logging to ``<label>.log``.
+
+        ``warm_clientapp``: the SuperNode runs with ``--isolation process`` and one long-lived ClientApp runner
+        (``ecavg.runtime.flower.warm_clientapp``, label ``<label>-clientapp``) takes its messages, instead of a fresh
+        ClientApp process per message."""
         if not self.port:
             raise DeployError("start the SuperLink first")
         config_path = self.workdir / f"{label}.node.toml"
@@ -331,7 +352,57 @@ class LocalFederation:
         command += ["--insecure"] if self.tls is None else ["--root-certificates", str(self.tls.ca_cert)]
         if private_key is not None:
             command += ["--auth-supernode-private-key", str(private_key)]
-        return self.spawn(label, command)
+        if warm_clientapp:
+            command += ["--isolation", "process"]
+        process = self.spawn(label, command)
+        runner = None
+        if warm_clientapp:
+            runner = f"{label}-clientapp"
+            self.spawn(runner, [sys.executable, "-m", "ecavg.runtime.flower.warm_clientapp", "--runtime-api-address",
+                                f"127.0.0.1:{runtime_port}", "--insecure", "--parent-pid", str(process.pid)])
+        self.watch_supernode(label, runner)
+        return process
+
+    def watch_supernode(self, label: str, runner: str | None = None) -> None:
+        """Watch process ``label`` (a SuperNode) and ``runner`` (its ClientApp runner, if any) until :meth:`stop`:
+        when either exits, the other is killed and the node unregistered from the SuperLink."""
+        self.supernodes[label] = runner
+        if self._watcher is None:
+            self._watcher = threading.Thread(target=self._watch, name="supernode-watcher", daemon=True)
+            self._watcher.start()
+
+    def node_id(self, label: str) -> int | None:
+        """The node id the SuperLink gave SuperNode ``label``, from its log (None until it connected)."""
+        try:
+            match = NODE_ID_LINE.search((self.logs_dir / f"{label}.log").read_text(errors="replace"))
+        except OSError:
+            return None
+        return int(match.group(1)) if match else None
+
+    def _watch(self) -> None:
+        """Until :meth:`stop`: a SuperNode or its runner that exited takes the other down and is unregistered."""
+        with contextlib.suppress(ImportError):  # now, not when a node dies: importing takes seconds under load
+            import flwr.supercore.control  # noqa: F401
+        while not self._stopping.wait(WATCH_INTERVAL_S):
+            for label, runner in list(self.supernodes.items()):
+                if label in self.gone or all(self.alive(x) for x in (label, runner) if x is not None):
+                    continue
+                self.gone[label] = time.monotonic()
+                for part in (label, runner):
+                    if part is not None:
+                        self.kill(part)
+                node = self.node_id(label)
+                if node is None or self._stopping.is_set():
+                    continue
+                try:
+                    self.unregistered[label] = unregister_node(
+                        self.flwr, node, address=self.address, root_certificates=self.tls.ca_cert if self.tls else None)
+                except (OSError, subprocess.SubprocessError) as error:
+                    self.unregistered[label] = False
+                    log.warning("could not unregister %s (node %d) from the SuperLink: %s", label, node, error)
+                log.info("%s (node %d) exited; %s (%.1f s later)", label, node, "unregistered it from the SuperLink"
+                         if self.unregistered[label] else "could not unregister it: the SuperLink will notice when its "
+                         "heartbeats stop", time.monotonic() - self.gone[label])
 
     def register_node(self, public_key: Path) -> None:
         """Register a SuperNode's public key with the SuperLink (needed when node authentication is on)."""
@@ -356,6 +427,9 @@ class LocalFederation:
         sessions of their own; they are found (before anything is signalled, while the process tree is
         intact, and by their tag) and stopped by pid as well, and recorded in ``logs/pids.json``.
         """
+        self._stopping.set()  # the watcher must not take the SuperNodes stopped here for dead ones
+        if self._watcher is not None and self._watcher is not threading.current_thread():
+            self._watcher.join(timeout=5)
         order = [label for label in self.processes if label != "superlink"] + \
                 (["superlink"] if "superlink" in self.processes else [])
         roots = {p.pid for p in self.processes.values()}

@@ -12,8 +12,10 @@ Each SuperNode is one edge. Its node config says where the edge's data is:
 
 Flower starts a fresh ClientApp process per message; the edge's data is loaded again each time (from the
 decoded-tensor cache, so this is quick), and its state lives in the messages and in Flower's ``context.state``
-(persisted per node and run), not in the process: an update mode that keeps or compares the edge's own
-pre-trained model (``update.mode``) finds it there, stored by the pre-training message, and so does a download
+(persisted per node and run), not in the process. A long-lived process (the simulation's Ray actors, or the
+runner of ``ecavg deploy local --warm-clientapps``, ``warm_clientapp.py``) keeps the edge built for its run in
+``_edges``, data included, and nothing else. An update mode that keeps or compares the edge's own pre-trained
+model (``update.mode``) finds it in ``context.state``, stored by the pre-training message, and so does a download
 sent as a delta from the edge's last upload (``transfer.delta``).
 """
 
@@ -159,6 +161,8 @@ def _local_edge(message: Message, context: Context) -> LocalEdge:
     _configure_logging()
     key = (context.run_id, context.node_id)
     if key not in _edges:
+        for stale in [k for k in _edges if k[0] != context.run_id]:  # a long-lived process: earlier runs' edges
+            del _edges[stale]
         spec_json = message.content[wire.CONFIG].get("spec") if wire.CONFIG in message.content else None
         if not isinstance(spec_json, str):
             raise EdgeSetupError("the server's message carries no data spec")
