@@ -107,7 +107,7 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
         if args.where == "local":
             results = deploy_local(user, edges=args.edges, data_dir=args.data_dir, output_dir=args.output,
                                    tls=args.tls, node_auth=args.auth, timeout_s=args.timeout,
-                                   warm_clientapps=args.warm_clientapps)
+                                   warm_clientapps=args.warm_clientapps, links=args.link, edge_cpu=args.edge_cpu)
         elif args.where == "sim":
             results = deploy_simulation(user, edges=args.edges, data_dir=args.data_dir, output_dir=args.output,
                                         cpus_per_edge=args.cpus_per_edge, timeout_s=args.timeout)
@@ -274,6 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--warm-clientapps", action=argparse.BooleanOptionalAction, default=False,
                        help="one long-lived ClientApp process per SuperNode (imports PyTorch and loads the edge's "
                             "data once) instead of Flower's fresh process per message")
+    local.add_argument("--link", action="append", default=[], metavar="NAME=RATE",
+                       help="emulated link: NAME edge-K or all, RATE as tc writes it (10mbit, 500kbit); puts every "
+                            "SuperNode in a network namespace, tc tbf both ways; no latency emulated (needs root)")
+    local.add_argument("--edge-cpu", action="append", default=[], metavar="NAME=SHARE",
+                       help="CPU share of an edge (edge-K or all): a fraction of one core, e.g. edge-1=0.25, "
+                            "enforced with a cgroup CPU quota (needs root)")
     local.set_defaults(func=_cmd_deploy)
     sim = deploy_sub.add_parser("sim", help="Flower's simulation runtime (Ray): many edges on this machine")
     _add_run_arguments(sim)

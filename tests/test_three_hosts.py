@@ -36,6 +36,8 @@ import pytest
 
 pytest.importorskip("flwr", reason="the Flower runtime needs the flower extra (pip install -e '.[flower]')")
 
+from ecavg.deploy.links import shape  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs" / "deploy.md"
 QUICKSTART = REPO / "configs" / "quickstart.toml"
@@ -194,9 +196,8 @@ def _build(lab: Lab) -> None:
         _sh("ip", "-n", hub, "link", "set", f"v-{host}", "up")
         _sh("ip", "-n", ns, "addr", "add", f"{address}/24", "dev", "eth0")
         _sh("ip", "-n", ns, "link", "set", "eth0", "up")
-        if shutil.which("tc"):  # 20 Mbit/s links, as between sites
-            _sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", "20mbit",
-                "burst", "32kbit", "latency", "400ms")
+        if shutil.which("tc"):  # 20 Mbit/s links, as between sites (tbf as `ecavg deploy local --link` shapes)
+            shape("eth0", 20_000_000, namespace=ns)
     for host in [*ADDRESSES, "trusted"]:
         (lab.home(host) / "logs").mkdir(parents=True)
         (lab.home(host) / "tmp").mkdir()

@@ -4,7 +4,10 @@
 - ``processes``: process supervision: the launcher's work directory and watchdog, a SuperLink and SuperNodes
   on this machine, and stopping all of them and the helpers Flower starts;
 - ``flwr_cli``: Flower's command-line tools: their offline environment, the ``flwr`` CLI and its output;
-- ``reaper``: finding a deployment's processes by their tag (standard library only: also the watchdog script).
+- ``reaper``: finding a deployment's processes, namespaces, links and cgroups by their tag (standard library only:
+  also the watchdog script);
+- ``links``: emulated edge links for ``deploy local --link`` (network namespaces, veth pairs, ``tc tbf``);
+- ``conditions``: ``deploy local``'s edge conditions: the links and CPU shares (``--edge-cpu``, cgroup quotas).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ happens (also on failure, Ctrl-C or SIGKILL: see ``processes.py``). The output d
 ``deploy submit`` sends the app to a SuperLink that is already running (a multi-host deployment, see
 docs/deploy.md) and follows the run.
 
-A little over 450 lines: the three commands share their preparation, following and failure recording here, and
+A little under 500 lines: the three commands share their preparation, following and failure recording here, and
 splitting one of them out would split that.
 """
 
@@ -22,13 +22,14 @@ import logging
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import ecavg
 from ecavg.config import resolve_config
+from ecavg.deploy.conditions import EdgeConditions
 from ecavg.deploy.flwr_cli import (
     CONNECTION,
     RunCli,
@@ -268,6 +269,8 @@ def deploy_local(
     node_configs: Mapping[int, Mapping[str, Any]] | None = None,
     on_started: Callable[[LocalFederation], None] | None = None,
     warm_clientapps: bool = False,
+    links: Sequence[str] = (),
+    edge_cpu: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Run one experiment on a SuperLink and N SuperNodes started on 127.0.0.1; returns the results dict.
 
@@ -277,25 +280,27 @@ def deploy_local(
     ``{1: {"dataset": "imagefolder:/data/site1"}}``. ``on_started`` is called with the running federation
     before the run is submitted (tests use it to watch or disturb the edges). ``warm_clientapps``: each SuperNode
     runs its messages in one long-lived ClientApp runner (``ecavg.runtime.flower.warm_clientapp``) instead of a
-    fresh process per message.
+    fresh process per message. ``links`` (``NAME=RATE``) and ``edge_cpu`` (``NAME=SHARE``) are the edge conditions
+    of ``conditions.py``, checked before anything starts.
     """
     if node_auth and not tls:
         raise ConfigError("SuperNode authentication needs TLS (the keys are exchanged over it); add --tls")
     cfg, deploy_section = prepare_config(user, edges=edges)
+    conditions = EdgeConditions.parse(links, edge_cpu, num_edges=cfg["data"]["num_edges"])
     out = _prepare_output(cfg, output_dir)
     logs = out / "logs"
     data_dir_text = str(Path(data_dir).resolve()) if data_dir is not None else None
-    credentials = None
-    if tls or node_auth:
-        from ecavg.certs import make_credentials
+    with _launcher_guard(out), WorkDir("deploy") as workdir, conditions.applied(workdir.path):
+        credentials = None
+        if tls or node_auth:  # after the links: the certificate names the address the SuperLink listens on
+            from ecavg.certs import make_credentials
 
-        credentials = make_credentials(out / "deploy" / "credentials", hosts=["127.0.0.1", "localhost"],
-                                       num_nodes=cfg["data"]["num_edges"] if node_auth else 0, overwrite=True)
-    with _launcher_guard(out):
-        with WorkDir("deploy") as workdir, LocalFederation(
-                workdir.path, logs, node_auth=node_auth,
-                tls=Tls(credentials.ca_cert, credentials.server_cert, credentials.server_key)
-                if credentials and tls else None) as federation:
+            credentials = make_credentials(out / "deploy" / "credentials", hosts=[conditions.superlink_host],
+                                           num_nodes=cfg["data"]["num_edges"] if node_auth else 0, overwrite=True)
+        conditions.record(out / "deploy")
+        with LocalFederation(workdir.path, logs, node_auth=node_auth, host=conditions.superlink_host,
+                             tls=Tls(credentials.ca_cert, credentials.server_cert, credentials.server_key)
+                             if credentials and tls else None) as federation:
             started = time.monotonic()
             federation.start_superlink()
             num_edges = cfg["data"]["num_edges"]
@@ -309,7 +314,8 @@ def deploy_local(
                     private_key, public_key = credentials.node_keys[k]
                     federation.register_node(public_key)
                 federation.start_supernode(f"edge-{k}", node_config, private_key=private_key,
-                                           warm_clientapp=warm_clientapps)
+                                           warm_clientapp=warm_clientapps, namespace=conditions.namespace(k),
+                                           cgroup=conditions.cgroup(k))
             log.info("SuperLink on %s (%s) and %d SuperNodes started in %.1f s; logs in %s", federation.address,
                      "TLS" if tls else "insecure", num_edges, time.monotonic() - started, logs)
             if on_started is not None:
@@ -320,7 +326,7 @@ def deploy_local(
             log.info("submitted run %d", run_id)
 
             results = _follow_local_run(federation, run_id, out, logs, timeout_s=timeout_s, started=started)
-            results["deploy"]["clientapp"] = "warm" if warm_clientapps else "per-message"
+            results["deploy"].update(clientapp="warm" if warm_clientapps else "per-message", **conditions.to_dict())
             return results
 
 

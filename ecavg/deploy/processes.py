@@ -31,7 +31,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,6 +47,7 @@ from ecavg.deploy.flwr_cli import (
     unregister_node,
     write_connection,
 )
+from ecavg.deploy.links import netns_command
 from ecavg.errors import DeployError
 
 if TYPE_CHECKING:
@@ -87,6 +88,7 @@ def remove_stale_workdirs(root: Path | None = None) -> list[Path]:
                 except OSError:  # its launcher or watchdog is alive
                     continue
                 reaper.stop_tagged(path, reaper.WATCHDOG_GRACE_S)
+                reaper.remove_tagged_resources(path)  # namespaces, links, cgroups (deploy local --link, --edge-cpu)
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(path)
                 log.info("removed %s, left by a deployment launcher that was killed", path)
@@ -205,6 +207,19 @@ def die_with_parent() -> None:  # pragma: no cover - runs in the child between f
         pass
 
 
+def child_setup(cgroup: Path | None) -> Callable[[], None]:
+    """What a child does between fork and exec: :func:`die_with_parent`, and join ``cgroup`` (``--edge-cpu``)
+    before it runs anything, so every process it starts is limited with it."""
+    if cgroup is None:
+        return die_with_parent
+
+    def setup() -> None:  # pragma: no cover - runs in the child
+        die_with_parent()
+        (cgroup / "cgroup.procs").write_text(f"{os.getpid()}\n")
+
+    return setup
+
+
 # ---------------------------------------------------------------------------------------------------
 # A SuperLink and SuperNodes on this machine
 # ---------------------------------------------------------------------------------------------------
@@ -219,7 +234,9 @@ class Tls:
 
 @dataclass
 class LocalFederation:
-    """A SuperLink and SuperNodes on 127.0.0.1; every process it starts is stopped by :meth:`stop`.
+    """A SuperLink and SuperNodes on this machine; every process it starts is stopped by :meth:`stop`.
+
+    The SuperLink listens on ``host`` (127.0.0.1, or with emulated links the address their namespaces reach).
 
     Each process runs in its own session, so its process group id is its pid; stopping sends SIGTERM to
     that group (the process and the helpers Flower started under it), then SIGKILL after a grace period.
@@ -242,6 +259,7 @@ class LocalFederation:
     supernodes: dict[str, str | None] = field(default_factory=dict)
     gone: dict[str, float] = field(default_factory=dict)  # SuperNode label -> time.monotonic() it was seen gone
     unregistered: dict[str, bool] = field(default_factory=dict)  # SuperNode label -> whether unregistering worked
+    host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         self._stopping = threading.Event()
@@ -252,7 +270,7 @@ class LocalFederation:
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     @property
     def flwr(self) -> RunCli:
@@ -265,8 +283,8 @@ class LocalFederation:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def spawn(self, label: str, command: list[str]) -> subprocess.Popen:
-        """Start ``command`` in a session of its own, logging to ``<label>.log``, and record it."""
+    def spawn(self, label: str, command: list[str], *, cgroup: Path | None = None) -> subprocess.Popen:
+        """Start ``command`` in a session of its own (and in ``cgroup``), logging to ``<label>.log``; record it."""
         if label in self.processes and self.processes[label].poll() is None:
             raise DeployError(f"{label} is already running (pid {self.processes[label].pid})")
         log_path = self.logs_dir / f"{label}.log"
@@ -276,7 +294,7 @@ class LocalFederation:
                 process = subprocess.Popen(
                     command, env=self.env, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
                     start_new_session=True,
-                    preexec_fn=die_with_parent,  # noqa: PLW1509 - PR_SET_PDEATHSIG is set in the child itself
+                    preexec_fn=child_setup(cgroup),  # noqa: PLW1509 - PR_SET_PDEATHSIG is set in the child itself
                 )
             self.processes[label] = process
         self._write_pids()
@@ -294,7 +312,7 @@ class LocalFederation:
         """Start the SuperLink; with ``simulation``, it runs the edges itself in Flower's simulation runtime
         (Ray) instead of waiting for SuperNodes."""
         self.port = free_ports(1)[0]
-        command = [*flower_command("flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port)]
+        command = [*flower_command("flower-superlink"), "--host", self.host, "--port", str(self.port)]
         if simulation:
             command.append("--simulation")
         if self.tls is None:
@@ -317,7 +335,7 @@ class LocalFederation:
                 raise DeployError(f"the SuperLink exited with code {process.returncode} while starting; "
                                   f"see {self.logs_dir / 'superlink.log'}")
             try:
-                with urllib.request.urlopen(f"{scheme}://127.0.0.1:{self.port}/health", timeout=2,
+                with urllib.request.urlopen(f"{scheme}://{self.address}/health", timeout=2,
                                             context=context) as response:
                     if response.status == 200:
                         return
@@ -328,12 +346,14 @@ class LocalFederation:
                           f"see {self.logs_dir / 'superlink.log'}")
 
     def start_supernode(self, label: str, node_config: Mapping[str, Any], *, private_key: Path | None = None,
-                        warm_clientapp: bool = False) -> subprocess.Popen:
-        """A SuperNode (one edge) with ``node_config`` (e.g. partition-id, data-dir), logging to ``<label>.log``.
+                        warm_clientapp: bool = False, namespace: str | None = None,
+                        cgroup: Path | None = None) -> subprocess.Popen:
+        """A SuperNode (one edge) with ``node_config`` (e.g. partition-id, data-dir), logging to ``<label>.log``;
+        in network ``namespace`` and ``cgroup`` if given (``deploy local --link``, ``--edge-cpu``).
 
         ``warm_clientapp``: the SuperNode runs with ``--isolation process`` and one long-lived ClientApp runner
-        (``ecavg.runtime.flower.warm_clientapp``, label ``<label>-clientapp``) takes its messages, instead of a fresh
-        ClientApp process per message."""
+        (``ecavg.runtime.flower.warm_clientapp``, label ``<label>-clientapp``, in the same namespace and cgroup)
+        takes its messages, instead of a fresh ClientApp process per message."""
         if not self.port:
             raise DeployError("start the SuperLink first")
         config_path = self.workdir / f"{label}.node.toml"
@@ -354,12 +374,13 @@ class LocalFederation:
             command += ["--auth-supernode-private-key", str(private_key)]
         if warm_clientapp:
             command += ["--isolation", "process"]
-        process = self.spawn(label, command)
+        process = self.spawn(label, netns_command(namespace, command), cgroup=cgroup)
         runner = None
         if warm_clientapp:
             runner = f"{label}-clientapp"
-            self.spawn(runner, [sys.executable, "-m", "ecavg.runtime.flower.warm_clientapp", "--runtime-api-address",
-                                f"127.0.0.1:{runtime_port}", "--insecure", "--parent-pid", str(process.pid)])
+            self.spawn(runner, netns_command(namespace, [
+                sys.executable, "-m", "ecavg.runtime.flower.warm_clientapp", "--runtime-api-address",
+                f"127.0.0.1:{runtime_port}", "--insecure", "--parent-pid", str(process.pid)]), cgroup=cgroup)
         self.watch_supernode(label, runner)
         return process
 

@@ -10,14 +10,21 @@ the work directory's lock (see ``processes.WorkDir``). When the pipe closes (the
 exited, SIGKILL included), it stops every process tagged with the work directory and removes the directory.
 After a normal exit the launcher has already done both, and the watchdog finds nothing to do.
 
+What a deployment creates outside its processes (``--link``: network namespaces, veth links and an address on the
+loopback device; ``--edge-cpu``: CPU cgroups) is named with :func:`resource_tag` of the work directory, so that
+:func:`remove_tagged_resources` finds and removes it from the work directory's path alone: the launcher on a normal
+end, the watchdog after a SIGKILL, and ``processes.remove_stale_workdirs`` if the watchdog was killed too.
+
 Standard library only: the watchdog starts without importing ecavg (or torch).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -107,6 +114,85 @@ def stop_tagged(workdir: str | Path, grace_s: float) -> list[int]:
     return sorted(pids)
 
 
+# ---------------------------------------------------------------------------------------------------
+# What a deployment creates besides processes, named after its work directory
+# ---------------------------------------------------------------------------------------------------
+
+NAMESPACE_PREFIX = "ecavg-"  # network namespaces: ecavg-<tag>-e<K>
+VETH_PREFIX = "ev"  # the root namespace's end of edge K's veth pair: ev<tag>-<K> (interface names: 15 characters)
+ADDRESS_LABEL_PREFIX = "lo:ec"  # the SuperLink's address on the loopback device, labelled lo:ec<tag>
+CGROUP_PREFIX = "ecavg-"  # CPU cgroups: ecavg-<tag>-edge-<K>
+
+
+def resource_tag(workdir: str | Path) -> str:
+    """Eight hex digits naming what the deployment in ``workdir`` creates (namespaces, links, cgroups)."""
+    return hashlib.sha256(str(workdir).encode()).hexdigest()[:8]
+
+
+def cpu_cgroup_roots() -> list[Path]:
+    """The mounted cgroup hierarchies that can limit CPU: a cgroup2 mount, and a cgroup v1 mount with the cpu
+    controller (parsed from /proc/self/mounts; empty where there is none)."""
+    try:
+        mounts = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return []
+    roots = []
+    for line in mounts:
+        fields = line.split()
+        if len(fields) < 4:
+            continue
+        if fields[2] == "cgroup2" or (fields[2] == "cgroup" and "cpu" in fields[3].split(",")):
+            roots.append(Path(fields[1].replace("\\040", " ")))
+    return roots
+
+
+def _ip(*args: str) -> str:
+    try:
+        return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):  # no iproute2: nothing of ours can exist either
+        return ""
+
+
+def remove_tagged_resources(workdir: str | Path) -> list[str]:
+    """Delete the namespaces, links, loopback address and cgroups made for ``workdir``; returns what was deleted.
+
+    Run after the processes are stopped (a cgroup with a process in it cannot be removed). Deleting a namespace
+    deletes the veth pair with an end in it; the root namespace's ends are looked for as well, in case the
+    launcher was killed between making a link and moving its peer."""
+    tag = resource_tag(workdir)
+    removed = []
+    for line in _ip("netns", "list").splitlines():
+        name = line.split(" ", 1)[0]
+        if name.startswith(f"{NAMESPACE_PREFIX}{tag}-"):
+            _ip("netns", "delete", name)
+            removed.append(f"namespace {name}")
+    for line in _ip("-o", "link", "show").splitlines():
+        fields = line.split(":", 2)
+        name = fields[1].strip().split("@", 1)[0] if len(fields) > 2 else ""
+        if name.startswith(f"{VETH_PREFIX}{tag}-"):
+            _ip("link", "delete", name)
+            removed.append(f"link {name}")
+    label = f"{ADDRESS_LABEL_PREFIX}{tag}"
+    for line in _ip("-o", "-4", "addr", "show", "dev", "lo").splitlines():
+        fields = line.replace("\\", " ").split()  # `ip -o` ends the address part with a backslash
+        if label in fields and "inet" in fields:
+            address = fields[fields.index("inet") + 1]
+            _ip("addr", "delete", address, "dev", "lo")
+            removed.append(f"address {address}")
+    for root in cpu_cgroup_roots():
+        for path in sorted(root.glob(f"{CGROUP_PREFIX}{tag}-*")):
+            for _ in range(50):  # processes that were just killed leave their cgroup a moment later
+                try:
+                    path.rmdir()
+                    removed.append(f"cgroup {path}")
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.1)
+    return removed
+
+
 def watch(workdir: Path) -> None:
     """Block until stdin closes (the launcher is gone), then stop what it left running and remove ``workdir``."""
     # Ctrl-C reaches the launcher, which cleans up itself; the watchdog only acts once the launcher is gone.
@@ -114,6 +200,7 @@ def watch(workdir: Path) -> None:
     while sys.stdin.buffer.read(4096):
         pass
     stop_tagged(workdir, WATCHDOG_GRACE_S)
+    remove_tagged_resources(workdir)
     shutil.rmtree(workdir, ignore_errors=True)
 
 
