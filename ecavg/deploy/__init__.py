@@ -7,7 +7,8 @@
 - ``reaper``: finding a deployment's processes, namespaces, links and cgroups by their tag (standard library only:
   also the watchdog script);
 - ``links``: emulated edge links for ``deploy local --link`` (network namespaces, veth pairs, ``tc tbf``);
-- ``conditions``: ``deploy local``'s edge conditions: the links and CPU shares (``--edge-cpu``, cgroup quotas).
+- ``conditions``: ``deploy local``'s edge conditions: the links and CPU shares (``--edge-cpu``, cgroup quotas);
+- ``rates``: the parsers of ``--link`` and ``--edge-cpu`` values, shared by ``deploy local`` and ``ecavg plan``.
 """
 
 from __future__ import annotations
