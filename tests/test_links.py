@@ -26,8 +26,8 @@ import pytest
 from ecavg.deploy import reaper
 from ecavg.deploy.conditions import CpuShares, EdgeConditions, cpu_limit_unavailable_reason
 from ecavg.deploy.links import ShapedLinks, links_unavailable_reason, netns_command, tbf_arguments
-from ecavg.deploy.processes import LOCK_FILE, WorkDir, remove_stale_workdirs
 from ecavg.deploy.rates import format_rate, parse_cpu_share, parse_edge_values, parse_rate, tc_rate
+from ecavg.deploy.workdir import LOCK_FILE, WorkDir, remove_stale_workdirs
 from ecavg.errors import ConfigError, DeployError
 
 REPO = Path(__file__).resolve().parent.parent
