@@ -48,7 +48,8 @@ def write_noop_app(app_dir: Path, *, rounds: int, output: Path) -> Path:
 def noop_floor(mode: str, rounds: int, scratch: Path) -> dict[str, Any]:
     """The no-op app's round trips on a fresh SuperLink + SuperNodes (``mode``: their ClientApp mode)."""
     from ecavg.deploy.flwr_cli import submit_run
-    from ecavg.deploy.processes import LocalFederation, WorkDir
+    from ecavg.deploy.processes import LocalFederation
+    from ecavg.deploy.workdir import WorkDir
 
     output = scratch / f"noop-{mode}.json"
     started = time.monotonic()

@@ -203,8 +203,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     cfg = resolve_config(apply_overrides(user, args.overrides))
     edges = cfg["data"]["num_edges"]
     plan = make_plan(cfg, data_dir=args.data_dir, from_run=args.from_run, message_overhead_s=args.message_overhead,
-                     links=parse_edge_values(args.links, edges, parse_rate, flag="--link"),
-                     cpu_shares=parse_edge_values(args.edge_cpu, edges, parse_cpu_share, flag="--edge-cpu"))
+                     links=parse_edge_values(args.links, flag="--link", num_edges=edges, parse=parse_rate),
+                     cpu_shares=parse_edge_values(args.edge_cpu, flag="--edge-cpu", num_edges=edges,
+                                                  parse=parse_cpu_share))
     print(json.dumps(plan, indent=2) if args.json else plan_table(plan))
     return 0
 

@@ -19,12 +19,8 @@ from pathlib import Path
 import pytest
 
 from ecavg.deploy import reaper
-from ecavg.deploy.processes import (
-    LOCK_FILE,
-    LocalFederation,
-    WorkDir,
-    remove_stale_workdirs,
-)
+from ecavg.deploy.processes import LocalFederation
+from ecavg.deploy.workdir import LOCK_FILE, WorkDir, remove_stale_workdirs
 
 pytest.importorskip("flwr", reason="the Flower runtime needs the flower extra (pip install 'ecavg[flower]')")
 

@@ -1,7 +1,7 @@
 """Edge conditions for ``ecavg deploy local``: ``--link NAME=RATE`` (namespaces, veth pairs, tc tbf) and
 ``--edge-cpu NAME=SHARE`` (cgroup CPU quotas).
 
-* the option parsers and the refusals, everywhere;
+* the option parsers (``ecavg.deploy.rates``, shared with ``ecavg plan``) and the refusals, everywhere;
 * as root with ``ip netns``, ``tc`` and a cpu cgroup: a shaped link carries its rate, and what a launcher made is
   deleted by its watchdog when the launcher dies without cleaning up, and by the next launcher when the watchdog
   died too;
@@ -24,17 +24,10 @@ from pathlib import Path
 import pytest
 
 from ecavg.deploy import reaper
-from ecavg.deploy.conditions import CpuShares, EdgeConditions, cpu_limit_unavailable_reason, parse_cpu_share
-from ecavg.deploy.links import (
-    ShapedLinks,
-    format_rate,
-    links_unavailable_reason,
-    netns_command,
-    parse_edge_values,
-    parse_rate,
-    tbf_arguments,
-)
-from ecavg.deploy.processes import LOCK_FILE, WorkDir, remove_stale_workdirs
+from ecavg.deploy.conditions import CpuShares, EdgeConditions, cpu_limit_unavailable_reason
+from ecavg.deploy.links import ShapedLinks, links_unavailable_reason, netns_command, tbf_arguments
+from ecavg.deploy.rates import format_rate, parse_cpu_share, parse_edge_values, parse_rate, tc_rate
+from ecavg.deploy.workdir import LOCK_FILE, WorkDir, remove_stale_workdirs
 from ecavg.errors import ConfigError, DeployError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -55,50 +48,72 @@ needs_links = pytest.mark.skipif(_machine_reason() is not None, reason=str(_mach
 
 @pytest.mark.parametrize(("text", "bps"), [
     ("10mbit", 10_000_000), ("500kbit", 500_000), ("1mbit", 1_000_000), ("1.5mbit", 1_500_000),
-    ("2mbps", 16_000_000), ("10Mbit", 10_000_000), ("8kbit", 8_000), ("10gbit", 10_000_000_000),
-    (" 20mbit ", 20_000_000),
+    ("2mbps", 16_000_000), ("1kbps", 8_000), ("10Mbit", 10_000_000), ("1.5MBIT", 1_500_000), ("2gbit", 2 * 10**9),
+    ("8kbit", 8_000), ("8000bit", 8_000), ("10gbit", 10_000_000_000), (" 20mbit ", 20_000_000), (".5mbit", 500_000),
+    ("0.57mbit", 570_000),  # 0.57 * 10**6 is 569999.99... in floating point: rounded, not truncated
 ])
 def test_rates_are_read_as_tc_writes_them(text, bps):
-    assert parse_rate(text) == bps
+    assert parse_rate(text) == bps and isinstance(parse_rate(text), int)
 
 
-@pytest.mark.parametrize("text", ["fast", "10", "mbit", "-1mbit", "10 mbit", "10mbitz", "1e3kbit", "0mbit",
-                                  "7kbit", "11gbit", ""])
-def test_a_bad_rate_is_refused_naming_it(text):
-    with pytest.raises(ConfigError, match="--link: ") as caught:
+@pytest.mark.parametrize(("text", "message"), [
+    ("fast", "is not a rate"), ("10", "is not a rate"), ("mbit", "is not a rate"), ("-1mbit", "is not a rate"),
+    ("10 mbit", "is not a rate"), ("10mbitz", "is not a rate"), ("10mb", "is not a rate"), ("1tbit", "is not a rate"),
+    ("1e3kbit", "is not a rate"), ("", "is not a rate"), ("0mbit", "out of range"), ("0.5bit", "out of range"),
+    ("7kbit", "out of range"), ("11gbit", "out of range"), ("9" * 400 + "mbit", "out of range"),
+])
+def test_a_bad_rate_is_refused_naming_it(text, message):
+    with pytest.raises(ConfigError, match=f"^--link: .*{message}") as caught:
         parse_rate(text)
     assert repr(text) in str(caught.value) and "\n" not in str(caught.value)
 
 
-def test_rates_are_written_back_short():
-    assert [format_rate(b) for b in (20_000_000, 500_000, 1_500_000, 8_000)] == ["20mbit", "500kbit", "1500kbit",
-                                                                                   "8kbit"]
+def test_rates_are_written_back_short_and_read_back_the_same():
+    rates = (20_000_000, 500_000, 1_500_000, 8_000, 1_234_567, 10**10, 12)
+    assert [format_rate(b) for b in rates] == ["20mbit", "500kbit", "1.5mbit", "8kbit", "1.234567mbit", "10gbit",
+                                               "12bit"]
+    assert all(parse_rate(format_rate(b)) == b for b in rates if b >= 8_000)
+    assert format_rate(2.5e5) == "250kbit" and format_rate(1_500_000.4) == "1.5mbit"  # floats: whole bits
+    assert tc_rate(parse_rate("1.5mbit")) == "1500000bit"
 
 
 def test_all_applies_to_every_edge_and_a_named_edge_overrides_it_in_any_order():
-    values = parse_edge_values(["edge-1=1mbit", "all=20mbit"], option="--link", num_edges=3, parse=parse_rate)
-    assert values == {0: 20_000_000, 1: 1_000_000, 2: 20_000_000}
-    assert parse_edge_values(["edge-2=0.5"], option="--edge-cpu", num_edges=3, parse=parse_cpu_share) == {2: 0.5}
+    for values in (["edge-1=1mbit", "all=20mbit"], ["all=20mbit", "edge-1=1mbit"]):
+        assert parse_edge_values(values, flag="--link", num_edges=3, parse=parse_rate) == \
+            {0: 20_000_000, 1: 1_000_000, 2: 20_000_000}
+    assert parse_edge_values(["edge-2=0.5"], flag="--edge-cpu", num_edges=3, parse=parse_cpu_share) == {2: 0.5}
+    assert parse_edge_values([], flag="--link", num_edges=2, parse=parse_rate) == {}
 
 
 @pytest.mark.parametrize(("values", "message"), [
-    (["edge-2=1mbit"], "edge-2 does not exist: the run has 2 edges"),
-    (["edge2=1mbit"], "'edge2' is not an edge name"),
-    (["server=1mbit"], "'server' is not an edge name"),
-    (["edge-0"], "'edge-0' is not NAME=VALUE"),
-    (["=1mbit"], "is not NAME=VALUE"),
-    (["edge-0=1mbit", "edge-0=2mbit"], "edge-0 is given twice"),
-    (["all=1mbit", "all=2mbit"], "all= is given twice"),
+    (["edge-2=1mbit"], "--link: edge-2 does not exist: the run has 2 edges"),
+    (["edge2=1mbit"], "--link: 'edge2' is not an edge name"),
+    (["server=1mbit"], "--link: 'server' is not an edge name"),
+    (["edge-01=1mbit"], "--link: 'edge-01' is not an edge name"),
+    (["edge-0"], "--link: 'edge-0' is not NAME=VALUE"),
+    (["=1mbit"], "--link: '=1mbit' is not NAME=VALUE"),
+    (["edge-0= "], "--link: 'edge-0= ' is not NAME=VALUE"),
+    (["edge-0=1mbit", "edge-0=2mbit"], "--link: edge-0 is given twice"),
+    (["all=1mbit", "all=2mbit"], "--link: all= is given twice"),
+    (["edge-1=10mb"], "--link edge-1: '10mb' is not a rate"),
+    (["all=7kbit"], "--link all: '7kbit' is out of range"),
 ])
 def test_bad_link_options_are_refused(values, message):
-    with pytest.raises(ConfigError, match=message):
-        parse_edge_values(values, option="--link", num_edges=2, parse=parse_rate)
+    with pytest.raises(ConfigError, match=f"^{message}") as caught:
+        parse_edge_values(values, flag="--link", num_edges=2, parse=parse_rate)
+    assert "\n" not in str(caught.value)
 
 
-@pytest.mark.parametrize("text", ["0", "0.001", "quarter", str((os.cpu_count() or 1) + 1), "nan"])
+@pytest.mark.parametrize(("text", "share"), [("0.25", 0.25), ("1", 1.0), ("0.01", 0.01), (" 0.5 ", 0.5)])
+def test_cpu_shares_are_fractions_of_a_core(text, share):
+    assert parse_cpu_share(text) == share
+
+
+@pytest.mark.parametrize("text", ["0", "0.001", "-0.5", "quarter", "", str((os.cpu_count() or 1) + 1), "nan", "inf"])
 def test_a_bad_cpu_share_is_refused(text):
-    with pytest.raises(ConfigError, match="--edge-cpu: "):
+    with pytest.raises(ConfigError, match="^--edge-cpu: ") as caught:
         parse_cpu_share(text)
+    assert repr(text) in str(caught.value) and "\n" not in str(caught.value)
 
 
 def test_tbf_queues_hold_an_offload_packet_at_any_rate():
@@ -142,8 +157,8 @@ def test_the_cli_refuses_before_anything_starts(monkeypatch, tmp_path, capsys):
     assert not out.exists()
     code = main(["deploy", "local", "--config", str(QUICKSTART), "--link", "edge-0=10mbits", "--output", str(out)])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and err == ("ecavg: error: --link: '10mbits' is not a rate; write a number and one of bit, "
-                                 "kbit, mbit, gbit, bps, kbps, mbps, gbps (e.g. 10mbit, 500kbit; as tc does, *bps "
+    assert code == 2 and err == ("ecavg: error: --link edge-0: '10mbits' is not a rate; write a number and one of "
+                                 "bit, kbit, mbit, gbit, bps, kbps, mbps, gbps (e.g. 10mbit, 500kbit; as tc does, *bps "
                                  "are bytes per second)")
     assert not out.exists()
 

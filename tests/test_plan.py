@@ -1,4 +1,5 @@
-"""``ecavg plan``: the --link/--edge-cpu parsers, the time model (pure) and its inputs (bytes, rates)."""
+"""``ecavg plan``: the time model (pure) and its inputs (bytes, rates). The --link/--edge-cpu parsers it shares with
+``deploy local`` (``ecavg.deploy.rates``) are tested in test_links.py."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import pytest
 
 from ecavg.cli import main
 from ecavg.config import load_toml, resolve_config
-from ecavg.deploy.rates import format_rate, parse_cpu_share, parse_edge_values, parse_rate, tc_rate
 from ecavg.errors import ConfigError
 from ecavg.plan.model import (
     COMMUNICATION,
@@ -30,50 +30,6 @@ from ecavg.plan.model import (
 )
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.toml"
-
-# -- rates ------------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("text, bits", [("10mbit", 10e6), ("500kbit", 5e5), ("1.5Mbit", 1.5e6), ("2gbit", 2e9),
-                                        ("64bit", 64.0), (" 1 mbit ", 1e6), (".5kbit", 500.0)])
-def test_parse_rate_reads_tc_bit_units(text, bits):
-    assert parse_rate(text) == pytest.approx(bits)
-
-
-@pytest.mark.parametrize("text, message", [("10", "unit"), ("10mbps", "bytes per second"), ("10mb", "unknown unit"),
-                                           ("0mbit", "at least"), ("-1mbit", "number"), ("fast", "number"),
-                                           ("0.5bit", "at least")])
-def test_parse_rate_refuses_ambiguous_or_bad_rates(text, message):
-    with pytest.raises(ConfigError, match=message):
-        parse_rate(text)
-
-
-def test_tc_rate_and_format_rate():
-    assert tc_rate(parse_rate("1.5mbit")) == "1500000bit"
-    assert format_rate(10e6) == "10mbit" and format_rate(2.5e5) == "250kbit" and format_rate(12) == "12bit"
-
-
-def test_edge_values_all_is_a_default_that_named_edges_override_in_any_order():
-    got = parse_edge_values(["edge-1=1mbit", "all=10mbit"], 3, parse_rate, flag="--link")
-    assert got == {"edge-0": 10e6, "edge-1": 1e6, "edge-2": 10e6}
-    assert parse_edge_values(["edge-2=0.5"], 3, parse_cpu_share, flag="--edge-cpu") == {"edge-2": 0.5}
-    assert parse_edge_values([], 2, parse_rate, flag="--link") == {}
-
-
-@pytest.mark.parametrize("items, message", [(["edge-2=1mbit"], "has 2 edges"), (["edge0=1mbit"], "unknown name"),
-                                            (["edge-0"], "NAME=VALUE"), (["all=1mbit", "all=2mbit"], "twice"),
-                                            (["edge-1=1mbit", "edge-01=2mbit"], "twice"),
-                                            (["edge-0=10mbps"], "edge-0=10mbps")])
-def test_edge_values_refuses_bad_items(items, message):
-    with pytest.raises(ConfigError, match=message):
-        parse_edge_values(items, 2, parse_rate, flag="--link")
-
-
-@pytest.mark.parametrize("text", ["0", "-0.5", "nan", "inf", "quarter", "2000"])
-def test_cpu_share_must_be_a_positive_finite_number(text):
-    with pytest.raises(ConfigError, match="CPU share"):
-        parse_cpu_share(text)
-
 
 # -- the model ----------------------------------------------------------------------------------------------------
 

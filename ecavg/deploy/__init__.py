@@ -1,13 +1,15 @@
 """Running an experiment on a Flower federation: ``ecavg deploy local``, ``ecavg deploy sim``, ``ecavg deploy submit``.
 
 - ``drivers``: the three commands (and the Flower App they submit);
-- ``processes``: process supervision: the launcher's work directory and watchdog, a SuperLink and SuperNodes
-  on this machine, and stopping all of them and the helpers Flower starts;
+- ``processes``: process supervision: a SuperLink and SuperNodes on this machine, and stopping all of them and
+  the helpers Flower starts;
+- ``workdir``: the launcher's work directory and its watchdog, and removing what a killed launcher left;
 - ``flwr_cli``: Flower's command-line tools: their offline environment, the ``flwr`` CLI and its output;
 - ``reaper``: finding a deployment's processes, namespaces, links and cgroups by their tag (standard library only:
   also the watchdog script);
 - ``links``: emulated edge links for ``deploy local --link`` (network namespaces, veth pairs, ``tc tbf``);
-- ``conditions``: ``deploy local``'s edge conditions: the links and CPU shares (``--edge-cpu``, cgroup quotas).
+- ``conditions``: ``deploy local``'s edge conditions: the links and CPU shares (``--edge-cpu``, cgroup quotas);
+- ``rates``: the parsers of ``--link`` and ``--edge-cpu`` values, shared by ``deploy local`` and ``ecavg plan``.
 """
 
 from __future__ import annotations
@@ -35,10 +37,9 @@ from ecavg.deploy.processes import (
     STOP_GRACE_S,
     LocalFederation,
     Tls,
-    WorkDir,
     free_ports,
-    remove_stale_workdirs,
 )
+from ecavg.deploy.workdir import WorkDir, remove_stale_workdirs
 from ecavg.errors import DeployError
 
 __all__ = [

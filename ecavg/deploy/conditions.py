@@ -1,5 +1,5 @@
 """Edge conditions for ``ecavg deploy local``: shaped links (``--link``, see ``links.py``) and CPU shares
-(``--edge-cpu NAME=SHARE``).
+(``--edge-cpu NAME=SHARE``); the option values are parsed in ``rates.py`` (shared with ``ecavg plan``).
 
 A CPU share is a fraction of one core, enforced by the kernel's CFS bandwidth control on a cgroup of its own per
 edge: cgroup v2 ``cpu.max`` where the cpu controller is on the unified hierarchy, else cgroup v1
@@ -21,25 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ecavg.deploy.links import ShapedLinks, format_rate, links_unavailable_reason, parse_edge_values, parse_rate
+from ecavg.deploy.links import ShapedLinks, links_unavailable_reason
+from ecavg.deploy.rates import format_rate, parse_cpu_share, parse_edge_values, parse_rate
 from ecavg.deploy.reaper import CGROUP_PREFIX, cpu_cgroup_roots, remove_tagged_resources, resource_tag
-from ecavg.errors import ConfigError, DeployError
+from ecavg.errors import DeployError
 
 CFS_PERIOD_US = 100_000
-MIN_CPU_SHARE = 0.01  # the kernel's smallest quota is 1 ms per period
-
-
-def parse_cpu_share(text: str, *, option: str = "--edge-cpu") -> float:
-    """A CPU share: a fraction of one core, 0.01 to the number of cores (e.g. 0.25, 1, 1.5)."""
-    try:
-        share = float(text)
-    except ValueError:
-        raise ConfigError(f"{option}: {text!r} is not a CPU share; write a fraction of one core, e.g. 0.25") from None
-    cores = os.cpu_count() or 1
-    if not MIN_CPU_SHARE <= share <= cores:
-        raise ConfigError(f"{option}: {text!r} is out of range; a share goes from {MIN_CPU_SHARE} to {cores} "
-                          f"(this machine's cores)")
-    return share
 
 
 @dataclass(frozen=True)
@@ -126,8 +113,8 @@ class EdgeConditions:
     def parse(cls, links: Sequence[str], edge_cpu: Sequence[str], *, num_edges: int) -> EdgeConditions:
         """Check the options and that this machine can apply them (a ConfigError or DeployError, before anything
         starts)."""
-        rates = parse_edge_values(links, option="--link", num_edges=num_edges, parse=parse_rate)
-        shares = parse_edge_values(edge_cpu, option="--edge-cpu", num_edges=num_edges, parse=parse_cpu_share)
+        rates = parse_edge_values(links, flag="--link", num_edges=num_edges, parse=parse_rate)
+        shares = parse_edge_values(edge_cpu, flag="--edge-cpu", num_edges=num_edges, parse=parse_cpu_share)
         if links:
             reason = links_unavailable_reason()
             if reason:

@@ -43,7 +43,8 @@ from ecavg.deploy.flwr_cli import (
     toml_string,
     write_connection,
 )
-from ecavg.deploy.processes import LocalFederation, Tls, WorkDir
+from ecavg.deploy.processes import LocalFederation, Tls
+from ecavg.deploy.workdir import WorkDir
 from ecavg.errors import ConfigError, DeployError
 from ecavg.runtime.setup import FAILURE_FILE, RUN_CONFIG, RunDirectory, default_output_dir
 from ecavg.tracking import require_backend

@@ -12,7 +12,8 @@ was built on), and ``tbf`` only limits the rate.
 
 Everything made here is named after the launcher's work directory (``reaper.resource_tag``), so the launcher,
 its watchdog (after a SIGKILL) and the next launcher (if the watchdog was killed too) can all delete it with
-``reaper.remove_tagged_resources``. Needs root, ``ip`` (iproute2) with ``ip netns``, and ``tc``.
+``reaper.remove_tagged_resources``. Needs root, ``ip`` (iproute2) with ``ip netns``, and ``tc``. The ``--link``
+values are parsed in ``rates.py`` (shared with ``ecavg plan``).
 """
 
 from __future__ import annotations
@@ -21,15 +22,15 @@ import fcntl
 import ipaddress
 import logging
 import os
-import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
+from ecavg.deploy.rates import format_rate, tc_rate
 from ecavg.deploy.reaper import (
     ADDRESS_LABEL_PREFIX,
     NAMESPACE_PREFIX,
@@ -37,21 +38,13 @@ from ecavg.deploy.reaper import (
     remove_tagged_resources,
     resource_tag,
 )
-from ecavg.errors import ConfigError, DeployError
+from ecavg.errors import DeployError
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
 log = logging.getLogger("ecavg")
 
-T = TypeVar("T")
-
-# tc's rate units (tc(8), "RATES"): bit/s for *bit, bytes/s for *bps.
-RATE_UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9, "bps": 8, "kbps": 8 * 10**3,
-              "mbps": 8 * 10**6, "gbps": 8 * 10**9}
-RATE_PATTERN = re.compile(r"(\d+(?:\.\d+)?)([a-z]+)")
-MIN_RATE_BPS = 8_000  # below about 1 kB/s a gRPC message of any size times out before it arrives
-MAX_RATE_BPS = 10 * 10**9
 # The subnets for the links: /30 blocks of 10.232.0.0/16, skipping any the root namespace already routes.
 LINK_NETWORK = ipaddress.ip_network("10.232.0.0/16")
 ALLOCATION_LOCK = Path("/run/lock" if Path("/run/lock").is_dir() else "/tmp") / "ecavg-links.lock"
@@ -59,57 +52,6 @@ ALLOCATION_LOCK = Path("/run/lock" if Path("/run/lock").is_dir() else "/tmp") / 
 # fits whole; a shorter queue drops most of every burst and the link carries well under its rate.
 MIN_QUEUE_BYTES = 128 * 1024
 MIN_BURST_BYTES = 16 * 1024
-
-
-def parse_rate(text: str, *, option: str = "--link") -> int:
-    """A link rate as tc writes it (``10mbit``, ``500kbit``, ``1.5mbit``, ``2mbps`` = 2 MB/s) -> bits per second."""
-    match = RATE_PATTERN.fullmatch(text.strip().lower())
-    if match is None or match.group(2) not in RATE_UNITS:
-        raise ConfigError(f"{option}: {text!r} is not a rate; write a number and one of "
-                          f"{', '.join(RATE_UNITS)} (e.g. 10mbit, 500kbit; as tc does, *bps are bytes per second)")
-    bps = int(float(match.group(1)) * RATE_UNITS[match.group(2)])
-    if not MIN_RATE_BPS <= bps <= MAX_RATE_BPS:
-        raise ConfigError(f"{option}: {text!r} is out of range; rates go from 8kbit to 10gbit")
-    return bps
-
-
-def format_rate(bps: int) -> str:
-    for unit, scale in (("gbit", 10**9), ("mbit", 10**6), ("kbit", 10**3)):
-        if bps >= scale and bps % scale == 0:
-            return f"{bps // scale}{unit}"
-    return f"{bps}bit"
-
-
-def parse_edge_values(values: Sequence[str], *, option: str, num_edges: int,
-                      parse: Callable[[str], T]) -> dict[int, T]:
-    """``NAME=VALUE`` options (NAME ``edge-K`` or ``all``) -> {edge index: parsed value}. ``all`` gives every edge
-    its value; an ``edge-K`` given as well overrides it for that edge, whatever the order."""
-    every: T | None = None
-    named: dict[int, T] = {}
-    for item in values:
-        name, sep, value = item.partition("=")
-        name = name.strip()
-        if not sep or not name or not value.strip():
-            raise ConfigError(f"{option}: {item!r} is not NAME=VALUE (NAME is edge-K or all)")
-        parsed = parse(value.strip())
-        if name == "all":
-            if every is not None:
-                raise ConfigError(f"{option}: all= is given twice")
-            every = parsed
-            continue
-        match = re.fullmatch(r"edge-(\d+)", name)
-        if match is None:
-            raise ConfigError(f"{option}: {name!r} is not an edge name; write edge-K (K from 0) or all")
-        k = int(match.group(1))
-        if k >= num_edges:
-            raise ConfigError(f"{option}: {name} does not exist: the run has {num_edges} edges (edge-0 to "
-                              f"edge-{num_edges - 1})")
-        if k in named:
-            raise ConfigError(f"{option}: {name} is given twice")
-        named[k] = parsed
-    if every is None:
-        return named
-    return {k: named.get(k, every) for k in range(num_edges)}
 
 
 def _run(command: list[str]) -> subprocess.CompletedProcess:
@@ -143,7 +85,7 @@ def tbf_arguments(bps: int) -> list[str]:
     rate_bytes = bps // 8
     burst = max(MIN_BURST_BYTES, rate_bytes // 50)  # 20 ms at the line rate
     queue = max(MIN_QUEUE_BYTES, rate_bytes // 4)  # 250 ms at the link's rate
-    return ["tbf", "rate", f"{bps}bit", "burst", str(burst), "limit", str(queue)]
+    return ["tbf", "rate", tc_rate(bps), "burst", str(burst), "limit", str(queue)]
 
 
 def shape(device: str, bps: int, *, namespace: str | None = None) -> None:

@@ -1,32 +1,28 @@
-"""Process supervision: a launcher's work directory, and a SuperLink and SuperNodes on this machine.
+"""Process supervision: a SuperLink and SuperNodes on this machine (the launcher's work directory, which every
+process here is tagged with, and its watchdog are in ``workdir.py``).
 
 Nothing a launcher starts may outlive it, however it ends:
 - a normal end, an error or Ctrl-C/SIGTERM: :meth:`LocalFederation.stop` stops every process it started and
   the helpers Flower started under them (found in the process tree and by the tag in their environment, see
-  ``reaper.py``); :class:`WorkDir` removes the work directory;
+  ``reaper.py``); ``workdir.WorkDir`` removes the work directory;
 - SIGKILL: the SuperLink and SuperNodes get SIGTERM from the kernel (``PR_SET_PDEATHSIG``), and the watchdog
-  that :class:`WorkDir` starts stops everything tagged with the work directory (Flower's SuperExec, ServerApp
+  that ``WorkDir`` starts stops everything tagged with the work directory (Flower's SuperExec, ServerApp
   and ClientApp processes included, which the kernel signal does not reach) and removes the directory;
 - if the watchdog was killed too, the next ``ecavg deploy`` removes the work directories whose lock nobody holds.
-
-A little over 450 lines: the watcher of the SuperNodes belongs with the processes it watches and stops.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
 import re
-import shutil
 import signal
 import socket
 import ssl
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.error
@@ -59,94 +55,9 @@ STOP_GRACE_S = 10.0
 WATCH_INTERVAL_S = 0.25  # how often LocalFederation checks that its SuperNodes (and their ClientApp runners) live
 NODE_ID_LINE = re.compile(r"SuperNode ID: (-?\d+)")  # what flower-supernode logs once the SuperLink accepted it
 STARTUP_TIMEOUT_S = 60.0
-WORKDIR_KINDS = ("deploy", "sim", "submit")  # work directories are named ecavg-<kind>-<random>
-LOCK_FILE = ".lock"
 # Held back while a process is being started: a Ctrl-C that lands inside subprocess's fork hooks is otherwise
 # reported as "Exception ignored in _releaseLock" and lost, and one landing after the fork leaks the child.
 DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-# ---------------------------------------------------------------------------------------------------
-# The launcher's work directory (private FLWR_HOME, the app, node configs) and its watchdog
-# ---------------------------------------------------------------------------------------------------
-
-
-def remove_stale_workdirs(root: Path | None = None) -> list[Path]:
-    """Remove the work directories under ``root`` (default: the temp directory) whose launcher and watchdog are
-    both gone (their lock is free), after stopping any process still tagged with one. Returns those removed."""
-    root = Path(root) if root is not None else Path(tempfile.gettempdir())
-    removed = []
-    for kind in WORKDIR_KINDS:
-        for path in sorted(root.glob(f"ecavg-{kind}-*")):
-            try:
-                fd = os.open(path / LOCK_FILE, os.O_RDWR)
-            except OSError:  # not a work directory of this version, another user's, or just removed
-                continue
-            try:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError:  # its launcher or watchdog is alive
-                    continue
-                reaper.stop_tagged(path, reaper.WATCHDOG_GRACE_S)
-                reaper.remove_tagged_resources(path)  # namespaces, links, cgroups (deploy local --link, --edge-cpu)
-                shutil.rmtree(path, ignore_errors=True)
-                removed.append(path)
-                log.info("removed %s, left by a deployment launcher that was killed", path)
-            finally:
-                os.close(fd)
-    return removed
-
-
-class WorkDir:
-    """A temporary directory for one launcher (under ``root``, default the temp directory), removed by
-    :meth:`close`, or by the watchdog if the launcher dies.
-
-    The directory is locked (``flock``) by the launcher and its watchdog; it only gets its final name
-    (``ecavg-<kind>-...``) once locked, so :func:`remove_stale_workdirs` never takes a live one for stale.
-    """
-
-    def __init__(self, kind: str, root: Path | None = None) -> None:
-        if kind not in WORKDIR_KINDS:
-            raise ValueError(f"unknown work directory kind {kind!r}")
-        remove_stale_workdirs(root)
-        staging = Path(tempfile.mkdtemp(prefix=".ecavg-new-", dir=root))
-        self.lock_fd = os.open(staging / LOCK_FILE, os.O_CREAT | os.O_RDWR, 0o600)
-        fcntl.flock(self.lock_fd, fcntl.LOCK_EX)
-        self.path = staging.with_name(f"ecavg-{kind}-{staging.name.removeprefix('.ecavg-new-')}")
-        os.rename(staging, self.path)
-        env = {k: v for k, v in os.environ.items() if k != reaper.TAG_VARIABLE}
-        try:
-            # Its own session: a Ctrl-C or a signal to the launcher's process group does not reach it.
-            self.watchdog = subprocess.Popen(
-                [sys.executable, "-I", str(Path(reaper.__file__).resolve()), str(self.path)], env=env,
-                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                pass_fds=(self.lock_fd,))
-        except BaseException:
-            shutil.rmtree(self.path, ignore_errors=True)
-            os.close(self.lock_fd)
-            raise
-
-    def flower_env(self) -> dict[str, str]:
-        """The environment for the Flower processes of this launcher: offline, tagged with this directory."""
-        env = offline_env(self.path / "flwr-home")
-        env[reaper.TAG_VARIABLE] = str(self.path)
-        return env
-
-    def close(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
-        if self.watchdog.stdin is not None:
-            self.watchdog.stdin.close()  # the watchdog checks that nothing is left, and exits
-        try:
-            self.watchdog.wait(timeout=reaper.WATCHDOG_GRACE_S + 5)
-        except subprocess.TimeoutExpired:  # pragma: no cover - it goes on and exits by itself
-            log.warning("the deployment watchdog (pid %d) is still checking %s", self.watchdog.pid, self.path)
-        os.close(self.lock_fd)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 # ---------------------------------------------------------------------------------------------------

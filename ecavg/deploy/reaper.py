@@ -6,14 +6,14 @@ processes, Ray) inherit it. So they are found by scanning ``/proc`` even after t
 re-parented, which a process tree or a process group cannot do.
 
 The watchdog (``python -I reaper.py WORKDIR``) is started by the launcher with a pipe on its stdin and holds
-the work directory's lock (see ``processes.WorkDir``). When the pipe closes (the launcher exited, however it
+the work directory's lock (see ``workdir.WorkDir``). When the pipe closes (the launcher exited, however it
 exited, SIGKILL included), it stops every process tagged with the work directory and removes the directory.
 After a normal exit the launcher has already done both, and the watchdog finds nothing to do.
 
 What a deployment creates outside its processes (``--link``: network namespaces, veth links and an address on the
 loopback device; ``--edge-cpu``: CPU cgroups) is named with :func:`resource_tag` of the work directory, so that
 :func:`remove_tagged_resources` finds and removes it from the work directory's path alone: the launcher on a normal
-end, the watchdog after a SIGKILL, and ``processes.remove_stale_workdirs`` if the watchdog was killed too.
+end, the watchdog after a SIGKILL, and ``workdir.remove_stale_workdirs`` if the watchdog was killed too.
 
 Standard library only: the watchdog starts without importing ecavg (or torch).
 """

@@ -41,8 +41,8 @@ __all__ = [
 ]
 
 
-def make_plan(cfg: dict[str, Any], *, data_dir: str | None, links: Mapping[str, float],
-              cpu_shares: Mapping[str, float], from_run: Path | None = None,
+def make_plan(cfg: dict[str, Any], *, data_dir: str | None, links: Mapping[int, int],
+              cpu_shares: Mapping[int, float], from_run: Path | None = None,
               message_overhead_s: float | None = None) -> dict[str, Any]:
     """The plan of ``cfg`` (resolved): inputs, per-phase estimates and the run's summary, as JSON-ready data."""
     from ecavg.plan import inputs
@@ -119,7 +119,8 @@ def plan_table(plan: Mapping[str, Any]) -> str:
         if k == 0 or k == len(rows) - 2:
             lines.append("  ".join("-" * w for w in widths))
     if plan["crossover_rate_bps"]:
-        lines += ["", f"Transfers outweigh compute below {format_rate(plan['crossover_rate_bps'])} per edge link "
+        crossover = float(f"{plan['crossover_rate_bps']:.3g}")  # an estimate: three significant digits
+        lines += ["", f"Transfers outweigh compute below {format_rate(crossover)} per edge link "
                       "(the slowest edge's bytes over the run's compute time)."]
     if not any(e["rate_bps"] for e in plan["edges"]):
         lines.append("No --link given: transfers count as instantaneous.")

@@ -99,9 +99,10 @@ def data_upload_bytes(cfg: Mapping[str, Any], participants: Participants) -> lis
 
 
 def plan_inputs(cfg: dict[str, Any], participants: Participants, rates: ComputeRates, *, data_dir: str | None,
-                links: Mapping[str, float], cpu_shares: Mapping[str, float],
+                links: Mapping[int, int], cpu_shares: Mapping[int, float],
                 message_overhead_s: float | None = None) -> PlanInputs:
-    """Everything the time model needs for ``cfg`` (resolved), with per-edge links and CPU shares."""
+    """Everything the time model needs for ``cfg`` (resolved), with per-edge links (bits per second) and CPU shares,
+    keyed by edge index as ``rates.parse_edge_values`` gives them (an edge absent: unlimited, one whole core)."""
     settings = deploy_settings(cfg["deploy"], num_edges=cfg["data"]["num_edges"])
     trains_on_server = server_training_needs_edge_data(cfg)
     upload = settings.share_data == "full" and trains_on_server
@@ -117,9 +118,9 @@ def plan_inputs(cfg: dict[str, Any], participants: Participants, rates: ComputeR
         server_samples = 0  # one-shot averaging: no fine-tuning
     edges = tuple(
         EdgeInputs(name=e.name, train_samples=len(e.train_data), test_samples=len(e.test_data),
-                   data_bytes=size, rate_bps=links.get(e.name), cpu_share=cpu_shares.get(e.name, 1.0),
+                   data_bytes=size, rate_bps=links.get(k), cpu_share=cpu_shares.get(k, 1.0),
                    validation_samples=len(e.validation_data) if e.validation_data is not None else 0)
-        for e, size in zip(participants.edges, data_bytes))
+        for k, (e, size) in enumerate(zip(participants.edges, data_bytes)))
     warmup = cfg["init"] == "warmup" and cfg["warmup"]["epochs"] > 0
     fraction = cfg["warmup"]["data_fraction"]
     bn = 0
