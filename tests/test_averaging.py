@@ -325,6 +325,7 @@ def test_small_batchnorm_model_average_loads_and_runs():
     assert torch.isfinite(target(torch.randn(2, 3, 8, 8))).all()
 
 
+@pytest.mark.slow
 def test_torchvision_mobilenet_average_matches_reference():
     # A real architecture with many BatchNorm layers (~50 counters), kept narrow so the test stays fast.
     torchvision = pytest.importorskip("torchvision")

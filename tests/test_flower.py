@@ -713,6 +713,7 @@ def test_the_server_tracks_a_deployed_run(tmp_path, task_identity):
     assert final.value == pytest.approx(served["server"]["accuracy_finetuned"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_an_edge_lost_in_the_update_gets_no_weights_file_and_says_why(tmp_path, task_identity):
     """edge-1's SuperNode is gone when the final weights go out: the run finishes (min_edges = 1), results.json
     names it missing with accuracy_after null, and no edge-1.safetensors pretends that it was updated."""

@@ -246,6 +246,7 @@ def test_plan_command_json_and_table(tmp_path, quickstart, capsys):
     assert "--message-overhead" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_calibrate_measures_positive_rates_and_the_edge_start(quickstart):
     from ecavg.plan.inputs import calibrate
 

@@ -354,6 +354,7 @@ def _edge_files_follow_where_the_weights_are(results: dict, out: Path) -> None:
         assert (out / f"edge-{k}.safetensors").exists() is not edge["weights_at_edge"]
 
 
+@pytest.mark.slow
 def test_guarded_over_the_flower_pool_agrees_with_embedded(tmp_path, monkeypatch):
     pytest.importorskip("flwr")
     from flwr.supercore.task_identity import TaskIdentity
