@@ -137,18 +137,25 @@ def _read_sweep(directory: Path) -> tuple[list[str], list[dict[str, str]]]:
     return keys, rows
 
 
-def render_sweep(args: list[str]) -> str:
-    """Sweeps side by side; their grid keys become columns (blank where a sweep does not vary one)."""
+def _grouped_runs(args: list[str], summarise: Any) -> tuple[list, list[str], dict[tuple, list[dict[str, Any]]]]:
+    """The runs of the sweep directories ``args``, summarised and grouped by sweep and grid point (seeds pooled);
+    the grid keys of all sweeps (but ``seed``) are the columns."""
     sweeps = [(REPO_ROOT / a, *_read_sweep(REPO_ROOT / a)) for a in args]
     columns: list[str] = []
     for _, keys, _ in sweeps:
         columns += [k for k in keys if k != "seed" and k not in columns]
-    with_seeds = any("seed" in keys for _, keys, _ in sweeps)
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for directory, _keys, rows in sweeps:
         for row in rows:
             ident = (rel(directory),) + tuple(row.get(k, "") for k in columns)
-            groups.setdefault(ident, []).append(figures(load_results(directory / row["run"])))
+            groups.setdefault(ident, []).append(summarise(load_results(directory / row["run"])))
+    return sweeps, columns, groups
+
+
+def render_sweep(args: list[str]) -> str:
+    """Sweeps side by side; their grid keys become columns (blank where a sweep does not vary one)."""
+    sweeps, columns, groups = _grouped_runs(args, figures)
+    with_seeds = any("seed" in keys for _, keys, _ in sweeps)
     lines = [
         "| " + " | ".join(columns + (["seeds"] if with_seeds else []) + [FIELD_TITLES[f] for f in FIELDS])
         + " | wall time |",
@@ -186,15 +193,7 @@ def update_figures(results: dict[str, Any]) -> dict[str, Any]:
 
 def render_updates(args: list[str]) -> str:
     """One row per run (seeds pooled): the edges' mean and worst change from the update, and what it cost."""
-    sweeps = [(REPO_ROOT / a, *_read_sweep(REPO_ROOT / a)) for a in args]
-    columns: list[str] = []
-    for _, keys, _ in sweeps:
-        columns += [k for k in keys if k != "seed" and k not in columns]
-    groups: dict[tuple, list[dict[str, Any]]] = {}
-    for directory, _keys, rows in sweeps:
-        for row in rows:
-            ident = (rel(directory),) + tuple(row.get(k, "") for k in columns)
-            groups.setdefault(ident, []).append(update_figures(load_results(directory / row["run"])))
+    sweeps, columns, groups = _grouped_runs(args, update_figures)
     lines = [
         "| " + " | ".join(columns) + " | runs | local-only (own test) | mean change (pp) | worst edge's change (pp) "
         "| after, full test set | kept | update time / pre-train time |",
