@@ -147,6 +147,7 @@ def write_outputs(out_dir: Path, results: Mapping[str, Any], outcome: Outcome) -
             _link_or_copy(server_path, path)
         else:
             save_state_dict(path, weights)
-    write_text_atomic(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
     write_text_atomic(out_dir / "results.md", results_table(results))
     plot_accuracy(results, out_dir / "accuracy.png")
+    # Last: results.json says the run is finished (sweeps read it back, `deploy local` stops the processes).
+    write_text_atomic(out_dir / "results.json", json.dumps(results, indent=2) + "\n")

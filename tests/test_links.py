@@ -280,8 +280,13 @@ def test_two_edges_behind_shaped_links_reproduce_the_embedded_run_and_leave_noth
     def look(federation) -> None:
         seen["workdir"] = federation.workdir
         seen["host"] = federation.host
+        root = os.readlink("/proc/self/ns/net")
         for k in (0, 1):
             pid = federation.processes[f"edge-{k}"].pid
+            # The process starts as `ip netns exec`, which enters the namespace before it execs the SuperNode.
+            deadline = time.monotonic() + 60
+            while os.readlink(f"/proc/{pid}/ns/net") == root and time.monotonic() < deadline:
+                time.sleep(0.1)
             seen[f"edge-{k} netns"] = os.readlink(f"/proc/{pid}/ns/net")
             seen[f"edge-{k} cgroup"] = Path(f"/proc/{pid}/cgroup").read_text()
         seen["root netns"] = os.readlink("/proc/self/ns/net")

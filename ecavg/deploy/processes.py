@@ -386,6 +386,11 @@ class LocalFederation:
         while reaper.signal_pids(helpers, 0) and time.monotonic() < deadline:
             time.sleep(0.1)
         reaper.signal_pids(helpers, signal.SIGKILL)
+        # SIGKILL is asynchronous: return once they are gone, so that nothing outlives stop() (a busy machine can
+        # take a moment to tear a large process down).
+        killed_by = time.monotonic() + 5.0
+        while reaper.signal_pids(helpers, 0) and time.monotonic() < killed_by:
+            time.sleep(0.1)
 
     @staticmethod
     def _signal_group(process: subprocess.Popen, sig: int) -> None:
