@@ -18,7 +18,8 @@ Directives (paths are relative to the repository root):
 ``@@updates DIR [DIR ...]`` (a line of its own)
     What the update step did to each edge, per run of ``ecavg sweep`` directories that vary ``update.mode``:
     the mean and worst edge's change on the edges' own test partitions, the mean on the full test set, which
-    candidate each edge kept and the update's wall time against the pre-training's (the edges' extra compute).
+    candidate each edge kept and the samples the edges trained on in the update against their pre-training's (the
+    edges' extra compute).
 ``@@config RUN`` (a line of its own)
     The hyperparameters of one run, from its resolved config.
 ``@@curve RUN IMAGE`` (a line of its own)
@@ -180,14 +181,15 @@ def update_figures(results: dict[str, Any]) -> dict[str, Any]:
     kept: dict[str, int] = {}
     for e in edges:
         kept[e.get("update_kept") or "server"] = kept.get(e.get("update_kept") or "server", 0) + 1
-    timing = results["timing_s"]
+    pretrained = sum(e["train_samples"] * results["config"]["edge"]["epochs"] for e in edges)
     return {
         "before": statistics.fmean(e["accuracy_before"] for e in edges) if edges else None,
         "change": statistics.fmean(changes) if changes else None,
         "worst": min(changes) if changes else None,
         "full": statistics.fmean(full) if full else None,
         "kept": ", ".join(f"{name} {n}" for name, n in sorted(kept.items())),
-        "update_cost": timing["update"] / timing["pretrain"] if timing.get("pretrain") else None,
+        # The edges' extra compute, in samples trained: wall times of resumed or disturbed runs would mislead.
+        "update_cost": sum(e["update_train_samples"] or 0 for e in edges) / pretrained if pretrained else None,
     }
 
 
@@ -196,8 +198,8 @@ def render_updates(args: list[str]) -> str:
     sweeps, columns, groups = _grouped_runs(args, update_figures)
     lines = [
         "| " + " | ".join(columns) + " | runs | local-only (own test) | mean change (pp) | worst edge's change (pp) "
-        "| after, full test set | kept | update time / pre-train time |",
-        "|" + "---|" * len(columns) + "---:|" * 6 + "---|---:|",
+        "| after, full test set | kept | update training / pre-training |",
+        "|" + "---|" * len(columns) + "---:|" * 5 + "---|---:|",
     ]
 
     def pp(values: list[float | None]) -> str:
@@ -218,7 +220,8 @@ def render_updates(args: list[str]) -> str:
         lines.append("| " + " | ".join(c or "·" for c in cells) + " |")
     lines.append("")
     lines.append("Edge accuracies in %, means over edges (and over seeds: mean ± std); the worst edge's change is the "
-                 "lowest over every edge of every seed. *kept*: how many edges ended with each candidate. Runs: "
+                 "lowest over every edge of every seed. *kept*: how many edges ended with each candidate; the last "
+                 "column counts samples trained. Runs: "
                  + ", ".join(f"`{rel(d)}/`" for d, _, _ in sweeps) + ".")
     return "\n".join(lines)
 
