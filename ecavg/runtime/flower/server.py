@@ -13,6 +13,9 @@ sends one about every 20 s and is given up 2 x 30 s after the last, a fixed inte
 out ``round_timeout_s`` for such an edge. A training phase with fewer replies than ``deploy.min_edges`` stops
 the run with :class:`EdgeQuorumError`; the phases and replies that finished stay in ``checkpoints/`` and
 ``failure.json`` says what happened.
+
+A little under 500 lines: the pool's message exchanges, their liveness checks and the ServerApp that drives them
+belong together (the reply validation already lives in ``wire.py``).
 """
 
 from __future__ import annotations
