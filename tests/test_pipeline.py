@@ -158,3 +158,15 @@ def test_cuda_matches_cpu():
     assert all(xg.device.type == "cuda" for xg, _ in gpu)
     for (xc, yc), (xg, yg) in zip(cpu, gpu):
         assert torch.equal(yc, yg.cpu()) and torch.allclose(xc, xg.cpu())
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 5, 8])
+def test_onecycle_training_runs_for_any_number_of_steps(steps):
+    """An edge with one batch per epoch gets a handful of steps (e.g. the update's one epoch of fine-tuning);
+    OneCycleLR divided by zero at exactly 4, which stopped an 8-edge Dirichlet 0.1 CIFAR-10 run."""
+    from ecavg.core.training import TrainingSettings, train
+
+    loader = TensorLoader(position_images(4 * steps), 4, mean=(0.0,), std=(1.0,), shuffle=True, seed=0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(H * W, 3))
+    history = train(model, loader, TrainingSettings(epochs=1, batch_size=4, lr=0.1, schedule="onecycle"))
+    assert len(history) == 1 and torch.isfinite(torch.tensor(history[0]["train_loss"]))

@@ -53,12 +53,19 @@ def _make_optimizer(model: nn.Module, s: TrainingSettings) -> torch.optim.Optimi
     raise ValueError(f"unknown optimizer {s.optimizer!r}")
 
 
+ONECYCLE_WARMUP = 0.25  # share of the steps that the one-cycle schedule spends raising the learning rate
+
+
 def _make_schedule(opt: torch.optim.Optimizer, s: TrainingSettings, total_steps: int):
     if s.schedule == "constant" or total_steps <= 1:
         return None
     if s.schedule == "onecycle":
+        if total_steps * ONECYCLE_WARMUP <= 1:
+            # No step left for the warm-up: OneCycleLR divides by zero at 4 steps (a small edge, e.g. one batch
+            # for one epoch of the update's fine-tuning); so few steps train at the constant learning rate.
+            return None
         return torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=s.lr, total_steps=total_steps, pct_start=0.25, anneal_strategy="linear",
+            opt, max_lr=s.lr, total_steps=total_steps, pct_start=ONECYCLE_WARMUP, anneal_strategy="linear",
             cycle_momentum=False,
         )
     if s.schedule == "cosine":
