@@ -383,14 +383,11 @@ class LocalFederation:
                 process.wait(timeout=5)
             except subprocess.TimeoutExpired:  # pragma: no cover - a process that ignores SIGKILL
                 log.error("%s (pid %d) could not be stopped", label, process.pid)
-        while reaper.signal_pids(helpers, 0) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        reaper.wait_gone(helpers, deadline)
         reaper.signal_pids(helpers, signal.SIGKILL)
         # SIGKILL is asynchronous: return once they are gone, so that nothing outlives stop() (a busy machine can
         # take a moment to tear a large process down).
-        killed_by = time.monotonic() + 5.0
-        while reaper.signal_pids(helpers, 0) and time.monotonic() < killed_by:
-            time.sleep(0.1)
+        reaper.wait_gone(helpers, time.monotonic() + 5.0)
 
     @staticmethod
     def _signal_group(process: subprocess.Popen, sig: int) -> None:

@@ -100,15 +100,19 @@ def signal_pids(pids: list[int] | set[int], sig: int) -> list[int]:
     return alive
 
 
+def wait_gone(pids: list[int] | set[int], deadline: float) -> None:
+    """Return once none of ``pids`` is alive (zombies count as gone) or at ``deadline`` (``time.monotonic()``)."""
+    while signal_pids(pids, 0) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 def stop_tagged(workdir: str | Path, grace_s: float) -> list[int]:
     """SIGTERM every process tagged with ``workdir``, SIGKILL what is left after ``grace_s``; returns the pids.
 
     Processes that start meanwhile (a helper spawned during the stop) are found by the second scan."""
     pids = tagged_processes(workdir)
     signal_pids(pids, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while signal_pids(pids, 0) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_gone(pids, time.monotonic() + grace_s)
     pids |= tagged_processes(workdir)
     signal_pids(pids, signal.SIGKILL)
     return sorted(pids)
