@@ -20,6 +20,14 @@ Directives (paths are relative to the repository root):
     the mean and worst edge's change on the edges' own test partitions, the mean on the full test set, which
     candidate each edge kept and the samples the edges trained on in the update against their pre-training's (the
     edges' extra compute).
+``@@server DIR [DIR ...]`` (a line of its own)
+    The server side of runs of ``ecavg sweep`` directories (seeds pooled): the edges' mean before the update, the
+    averaged model as averaged and with BatchNorm statistics recomputed, its gap to the edges, the edges'
+    ensemble (``server.objective = "distill"``'s teacher), the fine-tuned server and the edges after the update.
+``@@conditions DIR [DIR ...]`` (a line of its own)
+    Deployed runs over emulated links (``scripts/edge_conditions.py``): per run its links, codec and weights sent
+    per edge, each phase's measured seconds with measured / predicted by the ``plan.json`` made before it, the
+    round's total both ways and the edges' accuracy after the update.
 ``@@config RUN`` (a line of its own)
     The hyperparameters of one run, from its resolved config.
 ``@@curve RUN IMAGE`` (a line of its own)
@@ -49,6 +57,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ecavg.core.strategies import STRATEGIES  # noqa: E402
 from ecavg.formatting import percent, percent_spread  # noqa: E402
+from ecavg.plan import measured_phases  # noqa: E402
 from ecavg.sweep import run_summary  # noqa: E402  (the same per-run figures as `ecavg sweep` tables)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -226,6 +235,104 @@ def render_updates(args: list[str]) -> str:
     return "\n".join(lines)
 
 
+def server_figures(results: dict[str, Any]) -> dict[str, Any]:
+    """What the server made of one run's edges (see ``@@server``)."""
+    server, summary = results["server"], run_summary(results)
+    recalibrated = "accuracy_averaged_before_bn_recalibration" in server
+    averaged = server["accuracy_averaged_before_bn_recalibration"] if recalibrated else server["accuracy_averaged"]
+    best = server["accuracy_averaged"]
+    before = summary["edge_before"]
+    return {"before": before, "averaged": averaged, "recalibrated": best if recalibrated else None,
+            "gap": best - before if best is not None and before is not None else None,
+            "ensemble": server.get("accuracy_ensemble"), "finetuned": summary["server_finetuned"],
+            "after": summary["edge_after"], "total_s": summary["total_s"]}
+
+
+def render_server(args: list[str]) -> str:
+    """One row per grid point (seeds pooled): what averaging, recalibration and fine-tuning made of the edges."""
+    sweeps, columns, groups = _grouped_runs(args, server_figures)
+    titles = ["edges before update", "averaged", "averaged, BN recomputed", "best average - edges (pp)",
+              "edges' ensemble", "server fine-tuned/trained", "edges after update"]
+    lines = ["| " + " | ".join(columns) + " | runs | " + " | ".join(titles) + " | wall time |",
+             "|" + "---|" * len(columns) + "---:|" * (len(titles) + 2)]
+    for ident, members in groups.items():
+        cells = list(ident[1:]) + [str(len(members))]
+        for key in ("before", "averaged", "recalibrated"):
+            cells.append(percent_spread([m[key] for m in members]))
+        gaps = [100 * m["gap"] for m in members if m["gap"] is not None]
+        cells.append(f"{statistics.fmean(gaps):+.2f}" + (f" ± {statistics.pstdev(gaps):.2f}" if len(gaps) > 1 else "")
+                     if gaps else "-")
+        for key in ("ensemble", "finetuned", "after"):
+            cells.append(percent_spread([m[key] for m in members]))
+        cells.append(duration(statistics.fmean(m["total_s"] for m in members)))
+        lines.append("| " + " | ".join(c or "·" for c in cells) + " |")
+    lines += ["", "Accuracies in % on the full test set (the edges': on their own test partitions, mean over edges); "
+                  "mean ± standard deviation over seeds where there are several; *best average*: the recomputed one "
+                  "where the run recomputed BatchNorm statistics; wall time per run. Runs: "
+                  + ", ".join(f"`{rel(d)}/`" for d, _, _ in sweeps) + "."]
+    return "\n".join(lines)
+
+
+def _conditions_label(run: Path, results: dict[str, Any]) -> tuple[str, str]:
+    """(links, CPU) of a deployed run as ``deploy local`` recorded them (results.json, or edge_conditions.json)."""
+    deploy = dict(results.get("deploy", {}))
+    if "links" not in deploy and "edge_cpu" not in deploy and (run / "edge_conditions.json").is_file():
+        deploy.update(json.loads((run / "edge_conditions.json").read_text()))
+    edges = (deploy.get("links") or {}).get("edges") or {}
+    rates = {name: link.get("rate", "unshaped") for name, link in sorted(edges.items())}
+    links = ("all " + next(iter(rates.values())) if len(set(rates.values())) == 1
+             else ", ".join(f"{n} {r}" for n, r in rates.items())) if rates else "loopback, unshaped"
+    cpu = ", ".join(f"{n} {share:g} core" for n, share in sorted((deploy.get("edge_cpu") or {}).items()))
+    return links, cpu or "-"
+
+
+def render_conditions(args: list[str]) -> str:
+    """Deployed runs beside their plans: one row per run, phases measured (and measured / predicted)."""
+    lines = []
+    for arg in args:
+        directory = REPO_ROOT / arg
+        runs = sorted((d for d in directory.iterdir() if (d / "results.json").is_file()),
+                      key=lambda d: (d.name != "calibration", d.name.startswith("straggler"), d.name))
+        if not runs:
+            raise DocError(f"no deployed runs in {rel(directory)}")
+        phases: list[str] = []
+        for run in runs:
+            if (run / "plan.json").is_file():
+                phases += [ph["phase"] for ph in json.loads((run / "plan.json").read_text())["phases"]
+                           if ph["phase"] not in phases]
+        lines += ["| run | links | CPU | codec | weights sent per edge | data sent per edge | " + " | ".join(phases)
+                  + " | round, measured | round, planned | edge acc. after |",
+                  "|---|---|---|---|---:|---:|" + "---:|" * (len(phases) + 3)]
+        for run in runs:
+            results = load_results(run)
+            measured = measured_phases(results)
+            plan = json.loads((run / "plan.json").read_text()) if (run / "plan.json").is_file() else None
+            planned = {ph["phase"]: ph["total_s"] for ph in plan["phases"]} if plan else {}
+            transfer = results.get("transfer", {})
+            codec = transfer.get("codec", "fp32") + ("+delta" if transfer.get("delta") else "")
+            data = results.get("deploy", {}).get("data_bytes_up") or 0
+            sent = (sum(results["bytes"].values()) - data) / max(1, len(results["edges"]))
+            cells = [run.name, *_conditions_label(run, results), codec, f"{sent / 1e6:.2f} MB",
+                     f"{data / max(1, len(results['edges'])) / 1e6:.2f} MB"]
+            for phase in phases:
+                m = measured.get(phase)
+                # A ratio of sub-second steps (the averaging) says nothing about the model: shown from 1 s.
+                cells.append("-" if m is None else f"{m:.1f} s" + (f" (x{m / planned[phase]:.2f})"
+                                                                   if planned.get(phase, 0) >= 1.0 else ""))
+            total = sum(measured.get(phase, 0.0) for phase in (phases or measured))
+            cells.append(f"{total:.1f} s")
+            cells.append(f"{plan['summary']['total_s']:.1f} s (x{total / plan['summary']['total_s']:.2f})"
+                         if plan else "-")
+            cells.append(percent_spread([statistics.fmean(e["accuracy_after"] for e in results["edges"])]))
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", "Seconds per phase as the server measured them (exchanges: from sending to the last reply); "
+                      "(x*r*): measured / predicted by `ecavg plan` before the run, calibrated on the `calibration` "
+                      "run (shown where the plan gives a phase 1 s or more). Weights sent per edge: both directions, "
+                      "in the run's codec; data: the edge's training share (`share_data = \"full\"`), uncompressed. "
+                      f"Runs: `{rel(directory)}/`.", ""]
+    return "\n".join(lines).rstrip("\n")
+
+
 def render_config(args: list[str]) -> str:
     cfg = load_results(REPO_ROOT / args[0])["config"]
     data, model = cfg["data"], cfg["model"]
@@ -346,8 +453,8 @@ def render_inline(match: re.Match) -> str:
     raise DocError(f"bad inline directive {{{{{match.group(1)}}}}}")
 
 
-BLOCKS = {"strategies": render_strategies, "sweep": render_sweep, "updates": render_updates, "config": render_config,
-          "curve": render_curve}
+BLOCKS = {"strategies": render_strategies, "sweep": render_sweep, "updates": render_updates,
+          "server": render_server, "conditions": render_conditions, "config": render_config, "curve": render_curve}
 
 
 def render(source: Path) -> str:

@@ -14,14 +14,8 @@ import json
 import sys
 from pathlib import Path
 
-
-def measured_phases(run_dir: Path) -> dict[str, float]:
-    results = json.loads((run_dir / "results.json").read_text())
-    timing = results.get("timing_s", {})
-    measured = {"aggregate": timing.get("aggregate"), "finetune": timing.get("finetune"),
-                "centralized": timing.get("finetune")}
-    measured.update(results.get("deploy", {}).get("phase_wall_s", {}))
-    return {k: float(v) for k, v in measured.items() if v}
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from ecavg.plan import measured_phases  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
@@ -29,7 +23,7 @@ def main(argv: list[str]) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     plan = json.loads(Path(argv[0]).read_text())
-    measured = measured_phases(Path(argv[1]))
+    measured = measured_phases(json.loads((Path(argv[1]) / "results.json").read_text()))
     print(f"{'phase':<12}{'predicted s':>12}{'measured s':>12}{'ratio':>8}")
     for phase in plan["phases"]:
         if phase["phase"] in measured and phase["total_s"] > 0:

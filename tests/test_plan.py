@@ -263,3 +263,38 @@ def test_plan_command_refuses_cpu_shares_without_one_thread(tmp_path, quickstart
     assert "threads = 2" in capsys.readouterr().err
     assert main(["plan", "--config", str(QUICKSTART), "--link", "edge-7=1mbit"]) == 2
     assert "has 2 edges" in capsys.readouterr().err
+
+
+def test_overheads_are_fitted_to_a_deployed_run(tmp_path, quickstart, capsys):
+    """--from a deployed run: Flower's overheads are what its exchanges took beyond compute and transfers at that
+    run's own links, and a plan of other links adds those, not the development machine's constants."""
+    from ecavg.plan.inputs import Overheads, overheads_from_run, plan_inputs, rates_from_run
+
+    cfg, participants = quickstart
+    run = fake_run(tmp_path, cfg)
+    rates = rates_from_run(run, cfg)
+    assert overheads_from_run(run, rates, None) is None  # an embedded run has no exchanges
+    links = {0: 10_000_000, 1: 1_000_000}
+    bare = replace(plan_inputs(cfg, participants, rates, data_dir=None, links=links, cpu_shares={},
+                               message_overhead_s=0.0), hello_overhead_s=0.0, train_start_s=0.0)
+    overhead = {"hello": 9.0, "pretrain": 4.0 + 2.5, "update": 4.0}
+    walls = {ph.phase: ph.total_s + overhead[ph.phase] for ph in predict(bare) if ph.phase in overhead}
+    assert walls["pretrain"] > 10  # edge-1's 1 Mbit/s link: the fit must take the transfers off
+    results = json.loads((run / "results.json").read_text())
+    results["timing_s"]["finetune"] = by_phase(bare)["finetune"].total_s + 3.0  # the server's first optimizer
+    results["deploy"] = {"phase_wall_s": walls, "links": {"edges": {
+        "edge-0": {"rate_bps": 10_000_000}, "edge-1": {"rate_bps": 1_000_000}}}}
+    (run / "results.json").write_text(json.dumps(results))
+    fitted = overheads_from_run(run, rates, None)
+    assert isinstance(fitted, Overheads)
+    assert (fitted.message_s, fitted.hello_s, fitted.train_start_s, fitted.server_train_start_s) == pytest.approx(
+        (4.0, 9.0, 2.5, 3.0))
+    assert main(["plan", "--from", str(run), "--link", "all=2mbit", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert (plan["message_overhead_s"], plan["hello_overhead_s"], plan["train_start_s"],
+            plan["server_train_start_s"]) == pytest.approx((4.0, 9.0, 2.5, 3.0))
+    assert "fitted to that deployed run" in plan["compute_source"]
+    del results["deploy"]["phase_wall_s"]["update"]
+    (run / "results.json").write_text(json.dumps(results))
+    with pytest.raises(ConfigError, match="does not train"):
+        overheads_from_run(run, rates, None)

@@ -35,6 +35,7 @@ __all__ = [
     "PlanInputs",
     "crossover_rate_bps",
     "make_plan",
+    "measured_phases",
     "plan_table",
     "predict",
     "round_summary",
@@ -58,14 +59,21 @@ def make_plan(cfg: dict[str, Any], *, data_dir: str | None, links: Mapping[int, 
         raise ConfigError(f"--edge-cpu is a share of one core, relative to one-thread compute, but {where} "
                           f"threads = {basis_threads}; plan with --set threads=1 (and deploy with it too)")
     participants = inputs.setup(cfg, data_dir)
+    overheads = None
     if from_run is not None:
         rates, source = inputs.rates_from_run(from_run, cfg), f"read from {from_run}"
+        overheads = inputs.overheads_from_run(from_run, rates, data_dir)
+        if overheads is not None:
+            source += (f"; Flower's overhead fitted to that deployed run (message {overheads.message_s:.1f} s, "
+                       f"first message {overheads.hello_s:.1f} s, first optimizer {overheads.train_start_s:.1f} s"
+                       + (f", the server's {overheads.server_train_start_s:.1f} s"
+                          if overheads.server_train_start_s is not None else "") + ")")
     else:
         rates = inputs.calibrate(cfg, participants, data_dir=data_dir)
         source = (f"calibrated here (threads = {cfg['threads']}; edge process start {rates.edge_start_s:.1f} s, "
                   f"first optimizer {rates.train_start_s:.1f} s)")
     plan_in = inputs.plan_inputs(cfg, participants, rates, data_dir=data_dir, links=links, cpu_shares=cpu_shares,
-                                 message_overhead_s=message_overhead_s)
+                                 message_overhead_s=message_overhead_s, overheads=overheads)
     phases = predict(plan_in)
     crossover = crossover_rate_bps(plan_in)
     return {
@@ -78,10 +86,21 @@ def make_plan(cfg: dict[str, Any], *, data_dir: str | None, links: Mapping[int, 
         "message_overhead_s": plan_in.message_overhead_s,
         "hello_overhead_s": plan_in.hello_overhead_s,
         "train_start_s": plan_in.train_start_s,
+        "server_train_start_s": plan_in.server_train_start_s,
         "phases": [ph.to_dict() for ph in phases],
         "summary": round_summary(phases),
         "crossover_rate_bps": crossover,
     }
+
+
+def measured_phases(results: Mapping[str, Any]) -> dict[str, float]:
+    """What a deployed run's results.json says each planned phase took: message exchanges from
+    ``deploy.phase_wall_s``, the server's steps from ``timing_s`` (a centralized run's training is its ``finetune``)."""
+    timing = results.get("timing_s", {})
+    measured = {"aggregate": timing.get("aggregate"), "finetune": timing.get("finetune"),
+                "centralized": timing.get("finetune")}
+    measured.update(results.get("deploy", {}).get("phase_wall_s", {}))
+    return {k: float(v) for k, v in measured.items() if v}
 
 
 def _bytes(n: int) -> str:

@@ -9,6 +9,10 @@
   batch sizes, and evaluates a few; :func:`rates_from_run` reads an earlier run's ``metrics.jsonl`` (samples per
   second of every training epoch) and ``results.json`` (``timing_s``: the aggregate step is an evaluation of the
   full test set, which gives the evaluation rate).
+* Flower's per-message overhead: by default the routing measured on the development machine plus the edge process
+  start timed here; from a deployed run (``--from`` a ``deploy`` run), :func:`overheads_from_run` fits it to what
+  that run's exchanges took beyond their compute and transfers, so a plan of other links on the same machines
+  needs no constant measured elsewhere.
 """
 
 from __future__ import annotations
@@ -23,12 +27,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import ecavg
-from ecavg.config import deploy_settings
+from ecavg.config import deploy_settings, resolve_config
 from ecavg.config.deploy import server_training_needs_edge_data
 from ecavg.core import average_state_dicts
 from ecavg.core.participants import EVAL_BATCH_SIZE
@@ -37,6 +41,7 @@ from ecavg.core.transfer import Transfer
 from ecavg.data import load_dataset
 from ecavg.errors import ConfigError
 from ecavg.models import batchnorm_keys
+from ecavg.plan import measured_phases
 from ecavg.plan.model import (
     EDGE_START_S,
     FLOWER_ROUTING_S,
@@ -46,6 +51,7 @@ from ecavg.plan.model import (
     EdgeInputs,
     Payloads,
     PlanInputs,
+    predict,
 )
 from ecavg.runtime.setup import Participants, build_participants, prepare_compute, server_share
 
@@ -98,9 +104,19 @@ def data_upload_bytes(cfg: Mapping[str, Any], participants: Participants) -> lis
     return sizes
 
 
+@dataclass(frozen=True)
+class Overheads:
+    """Flower's cost per message exchange beyond compute and transfers (see ``ecavg.plan.model``)."""
+
+    message_s: float  # a message that does not train
+    hello_s: float  # the first message
+    train_start_s: float  # added to a message that trains (the process's first optimizer)
+    server_train_start_s: float | None = None  # the server's first training step beyond its compute
+
+
 def plan_inputs(cfg: dict[str, Any], participants: Participants, rates: ComputeRates, *, data_dir: str | None,
                 links: Mapping[int, int], cpu_shares: Mapping[int, float],
-                message_overhead_s: float | None = None) -> PlanInputs:
+                message_overhead_s: float | None = None, overheads: Overheads | None = None) -> PlanInputs:
     """Everything the time model needs for ``cfg`` (resolved), with per-edge links (bits per second) and CPU shares,
     keyed by edge index as ``rates.parse_edge_values`` gives them (an edge absent: unlimited, one whole core)."""
     settings = deploy_settings(cfg["deploy"], num_edges=cfg["data"]["num_edges"])
@@ -126,6 +142,14 @@ def plan_inputs(cfg: dict[str, Any], participants: Participants, rates: ComputeR
     bn = 0
     if cfg["bn_recalibration"] and batchnorm_keys(participants.server.new_model()):
         bn = min(union, BN_RECALIBRATION_BATCHES * cfg["server"]["batch_size"])
+    hello_extra_s = HELLO_EXTRA_S
+    train_start_s = rates.train_start_s if rates.train_start_s is not None else TRAIN_START_S
+    server_train_start_s = None
+    if overheads is not None:
+        hello_extra_s = overheads.hello_s - overheads.message_s
+        train_start_s, server_train_start_s = overheads.train_start_s, overheads.server_train_start_s
+        if message_overhead_s is None:
+            message_overhead_s = overheads.message_s
     if message_overhead_s is None:
         start = rates.edge_start_s if rates.edge_start_s is not None else EDGE_START_S
         message_overhead_s = FLOWER_ROUTING_S + start
@@ -139,8 +163,8 @@ def plan_inputs(cfg: dict[str, Any], participants: Participants, rates: ComputeR
         warmup_samples=(union if fraction >= 1.0 else max(1, round(union * fraction))) if warmup else 0,
         bn_recalibration_samples=bn, update_mode=cfg["update"]["mode"], update_epochs=cfg["update"]["epochs"],
         update_batch_size=cfg["update"]["batch_size"] or cfg["edge"]["batch_size"],
-        message_overhead_s=message_overhead_s, hello_overhead_s=message_overhead_s + HELLO_EXTRA_S,
-        train_start_s=rates.train_start_s if rates.train_start_s is not None else TRAIN_START_S)
+        message_overhead_s=message_overhead_s, hello_overhead_s=message_overhead_s + hello_extra_s,
+        train_start_s=train_start_s, server_train_start_s=server_train_start_s)
 
 
 # -- compute: measured here ---------------------------------------------------------------------------------
@@ -301,3 +325,54 @@ def rates_from_run(run_dir: Path, cfg: Mapping[str, Any]) -> ComputeRates:
     return ComputeRates(edge_train_s=edge or server, server_train_s=server or edge,  # type: ignore[arg-type]
                         update_train_s=per_sample("edge-", ("update-",)) or edge or server,  # type: ignore[arg-type]
                         eval_s=aggregate / test, average_s=0.0)
+
+
+# -- Flower's overhead: fitted to a deployed run -----------------------------------------------------------
+
+
+def run_conditions(results: Mapping[str, Any], num_edges: int) -> tuple[dict[int, int], dict[int, float]]:
+    """The links (bits per second) and CPU shares a deployed run had, as ``deploy local`` recorded them."""
+    deploy = results.get("deploy") or {}
+    links: dict[int, int] = {}
+    for name, link in ((deploy.get("links") or {}).get("edges") or {}).items():
+        if isinstance(link, dict) and link.get("rate_bps"):
+            links[int(name.removeprefix("edge-"))] = int(link["rate_bps"])
+    shares = {int(name.removeprefix("edge-")): float(share) for name, share in (deploy.get("edge_cpu") or {}).items()}
+    return ({k: v for k, v in links.items() if k < num_edges}, {k: v for k, v in shares.items() if k < num_edges})
+
+
+def overheads_from_run(run_dir: Path, rates: ComputeRates, data_dir: str | None) -> Overheads | None:
+    """Flower's overheads as a deployed run measured them, or None for a run that was not deployed.
+
+    Each exchange's ``phase_wall_s`` minus what the time model gives it with no overhead (its compute at ``rates``
+    and its transfers at that run's own links) is its overhead: the non-training exchanges after the first give
+    ``message_s``, the first (hello) ``hello_s``, the training ones ``message_s + train_start_s``; the server's
+    first training step (warm-up, fine-tuning) ``server_train_start_s``."""
+    results = _read_json(run_dir / "results.json")
+    if not isinstance(results, dict) or not (results.get("deploy") or {}).get("phase_wall_s"):
+        return None
+    measured = measured_phases(results)
+    cfg = resolve_config(run_config(run_dir))
+    links, shares = run_conditions(results, cfg["data"]["num_edges"])
+    participants = setup(cfg, data_dir)
+    bare = replace(plan_inputs(cfg, participants, rates, data_dir=data_dir, links=links, cpu_shares=shares,
+                               message_overhead_s=0.0), hello_overhead_s=0.0, train_start_s=0.0,
+                   server_train_start_s=0.0)
+    planned = predict(bare)
+    residual = {ph.phase: measured[ph.phase] - ph.total_s for ph in planned if ph.phase in measured}
+    server_steps = [ph.phase for ph in planned if ph.phase in ("warmup", "finetune", "centralized")]
+    server_start = max(0.0, residual[server_steps[0]]) if server_steps and server_steps[0] in residual else None
+    for step in ("aggregate", *server_steps):
+        residual.pop(step, None)
+    trains = {"pretrain", *(p for p in residual if p.startswith("round"))}
+    if bare.update_mode != "replace" and bare.update_epochs > 0 and bare.strategy != "centralized":
+        trains.add("update")
+    plain = [v for p, v in residual.items() if p != "hello" and p not in trains]
+    trained = [v for p, v in residual.items() if p in trains]
+    if "hello" not in residual or not plain:
+        raise ConfigError(f"--from {run_dir}: its deploy.phase_wall_s lacks the hello or a message that does not "
+                          "train (e.g. a replace update), which the overhead is fitted to; use --calibrate")
+    message = max(0.0, statistics.mean(plain))
+    return Overheads(message_s=message, hello_s=max(message, residual["hello"]),
+                     train_start_s=max(0.0, statistics.mean(trained) - message) if trained else TRAIN_START_S,
+                     server_train_start_s=server_start)

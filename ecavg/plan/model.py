@@ -111,6 +111,7 @@ class PlanInputs:
     message_overhead_s: float = MESSAGE_OVERHEAD_S
     hello_overhead_s: float = HELLO_OVERHEAD_S
     train_start_s: float = TRAIN_START_S  # once per training message, and once for the server's first training
+    server_train_start_s: float | None = None  # the server's first training, where measured apart (else train_start_s)
 
 
 @dataclass
@@ -217,11 +218,12 @@ def predict(p: PlanInputs) -> list[PhaseEstimate]:
     if data_first:
         phases.append(_exchange(p, "data", compute=lambda e: 0.0, down=lambda e: 0, up=lambda e: e.data_bytes,
                                 overhead=p.message_overhead_s))
-    server_trained = False  # the ServerApp's first training pays train_start_s
+    server_trained = False  # the ServerApp's first training pays its start once
+    server_start = p.train_start_s if p.server_train_start_s is None else p.server_train_start_s
     if p.warmup_epochs > 0:
         phases.append(_server("warmup", train_seconds(p.warmup_samples, p.server_batch_size, p.warmup_epochs,
                                                       r.server_train_s) + p.full_test_samples * r.eval_s,
-                              p.train_start_s))
+                              server_start))
         server_trained = True
     if edge_models:
         with_data = p.upload_data and not data_first
@@ -246,7 +248,7 @@ def predict(p: PlanInputs) -> list[PhaseEstimate]:
         phases.append(_server(server_phase, train_seconds(p.server_train_samples, p.server_batch_size,
                                                           p.server_epochs, r.server_train_s)
                               + evaluations * p.full_test_samples * r.eval_s,
-                              0.0 if server_trained else p.train_start_s))
+                              0.0 if server_trained else server_start))
     if p.strategy != "local":
         down = w.delta_down if w.delta and edge_models else w.whole
         trains = p.update_mode != "replace" and p.update_epochs > 0 and p.strategy != "centralized"

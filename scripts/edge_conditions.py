@@ -1,0 +1,105 @@
+"""Deploy ECAvg over emulated edge links, each run beside the `ecavg plan` prediction made before it.
+
+    sudo python scripts/edge_conditions.py --config configs/quickstart.toml --set threads=1 \
+        --output results/edge_conditions/mnist_mlp [--data-dir D] [--rates 100mbit,10mbit,1mbit] \
+        [--codecs fp32,int8] [--straggler]
+
+1. `calibration/`: `ecavg deploy local` with no shaping. `ecavg plan --from` reads the compute rates from it and fits
+   Flower's per-message overhead to it, so the plans below use nothing measured on another machine or day.
+2. For each codec and rate, `codec=C,link=R/`: `plan.json` (`ecavg plan --from calibration --link all=R --set
+   transfer.codec=C --json`), then `ecavg deploy local --link all=R --set transfer.codec=C`.
+3. With `--straggler`, `straggler,codec=C/` for the last codec: every link at the second rate, edge-1 at the
+   slowest rate and half a core (`--edge-cpu edge-1=0.5`, hence `threads = 1`).
+
+Each run directory keeps what the docs read (results.json, config.json, metrics.jsonl, results.md, plan.json, the
+applied conditions); weights and Flower's logs are removed. A finished run is skipped, so an interrupted
+measurement resumes. `scripts/build_docs.py` renders the directory with `@@conditions`. Needs root (namespaces,
+veth pairs, tc), like `ecavg deploy local --link`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+KEEP = ("results.json", "config.json", "metrics.jsonl", "results.md", "plan.json", "command.json")
+
+
+def ecavg(args: list[str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ecavg.cli", *args], **kwargs)
+
+
+def prune(run: Path) -> None:
+    """Keep what the docs read; weights, checkpoints and logs go."""
+    conditions = run / "deploy" / "edge_conditions.json"
+    if conditions.exists():
+        shutil.copy2(conditions, run / "edge_conditions.json")
+    for path in run.iterdir():
+        if path.name not in KEEP and path.name != "edge_conditions.json":
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def deploy(run: Path, common: list[str], conditions: list[str], timeout_s: float) -> None:
+    if (run / "results.json").exists():
+        print(f"{run}: finished, kept")
+        return
+    if run.exists():
+        shutil.rmtree(run)  # an interrupted run: start it again
+    command = ["deploy", "local", *common, *conditions, "--output", str(run), "--timeout", str(int(timeout_s))]
+    started, load = time.time(), os.getloadavg()[0]
+    print(f"{time.strftime('%H:%M:%S')} {run}: ecavg {' '.join(command)}", flush=True)
+    done = ecavg(command)
+    if done.returncode != 0 or not (run / "results.json").exists():
+        raise SystemExit(f"{run}: ecavg deploy local failed (exit {done.returncode}); see {run}")
+    (run / "command.json").write_text(json.dumps({
+        "command": ["ecavg", *command], "wall_s": round(time.time() - started, 3), "load_average_before": load,
+        "load_average_after": os.getloadavg()[0]}, indent=1) + "\n")
+    prune(run)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--output", required=True, type=Path)
+    parser.add_argument("--data-dir")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--rates", default="100mbit,10mbit,1mbit")
+    parser.add_argument("--codecs", default="fp32,int8")
+    parser.add_argument("--straggler", action="store_true")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per deployed run")
+    args = parser.parse_args(argv)
+    common = ["--config", args.config, *(f"--set={o}" for o in args.overrides)]
+    if args.data_dir:
+        common += ["--data-dir", args.data_dir]
+    rates, codecs = args.rates.split(","), args.codecs.split(",")
+    args.output.mkdir(parents=True, exist_ok=True)
+    calibration = args.output / "calibration"
+    deploy(calibration, common, [], args.timeout)
+
+    runs: list[tuple[str, list[str], str]] = [(f"codec={c},link={r}", [f"--link=all={r}"], c)
+                                              for c in codecs for r in rates]
+    if args.straggler:
+        slow = [f"--link=all={rates[min(1, len(rates) - 1)]}", f"--link=edge-1={rates[-1]}", "--edge-cpu=edge-1=0.5"]
+        runs.append((f"straggler,codec={codecs[-1]}", slow, codecs[-1]))
+    for name, conditions, codec in runs:
+        run = args.output / name
+        if (run / "results.json").exists():
+            print(f"{run}: finished, kept")
+            continue
+        plan = ecavg(["plan", *common, f"--set=transfer.codec={codec}", "--from", str(calibration),
+                      *(c for c in conditions), "--json"], capture_output=True, text=True)
+        if plan.returncode != 0:
+            raise SystemExit(f"{run}: ecavg plan failed: {plan.stderr.strip().splitlines()[-1:]}")
+        deploy(run, [*common, f"--set=transfer.codec={codec}"], conditions, args.timeout)
+        (run / "plan.json").write_text(plan.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
