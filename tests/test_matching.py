@@ -118,6 +118,29 @@ def test_matching_recovers_a_permuted_copy_exactly(name, options, in_channels, i
         assert torch.equal(recovered[key], original[key]), key
 
 
+@pytest.mark.parametrize(("name", "options", "in_channels", "image_size"),
+                         [CASES[2], CASES[4], CASES[8]], ids=[CASE_IDS[2], CASE_IDS[4], CASE_IDS[8]])
+def test_batchnorm_statistics_are_permuted_but_not_matched_on(name, options, in_channels, image_size):
+    """Two networks with the same weights up to a permutation but unrelated BatchNorm statistics (two edges'
+    statistics never correspond): the weights alone decide the matching. Scored on the statistics too, a variance
+    in the thousands outweighs every weight and the matching sorts units by it instead."""
+    model = _model_with_distinct_norms(name, options, in_channels, image_size, seed=3)
+    spec = permutation_spec(name, model)
+    assert spec.statistics and all(key.endswith(("running_mean", "running_var", "num_batches_tracked"))
+                                   for key in spec.statistics)
+    original = _snapshot(model)
+    permuted = permute_state_dict(spec, original, _random_permutations(spec, seed=4))
+    generator = torch.Generator().manual_seed(6)
+    for key in spec.statistics:
+        if permuted[key].is_floating_point():
+            permuted[key] = torch.rand(permuted[key].shape, generator=generator) * 1e4
+
+    recovered = permute_state_dict(spec, permuted, match_weights(spec, original, permuted, seed=5))
+    for key in original:
+        if key not in spec.statistics:
+            assert torch.equal(recovered[key], original[key]), key
+
+
 def test_unknown_model_is_refused_by_name():
     model = build_model("cnn", num_classes=10, in_channels=1, image_size=28, options={"width": 4})
     with pytest.raises(AggregationError, match="'vgg11'"):

@@ -84,13 +84,15 @@ def _assignment_score(
     members: tuple[tuple[str, int], ...] | None = None,
 ) -> np.ndarray:
     """score[i, j]: inner product of the reference's unit i with the other model's unit j, summed over every
-    tensor the group permutes (or only `members`), with the other model's remaining axes already permuted by `perms`."""
+    weight tensor the group permutes (or only `members`), with the other model's remaining axes already permuted by
+    `perms`. BatchNorm running statistics are left out: they are measured, not learned, and their scale (a variance
+    can be in the hundreds where weights are around 0.1) would make the assignment sort units by activation size."""
     size = spec.sizes[group]
     ref_columns: list[Tensor] = []
     other_columns: list[Tensor] = []
     for key, axis in spec.members[group] if members is None else members:
         ref_tensor = reference[key]
-        if not ref_tensor.is_floating_point():
+        if not ref_tensor.is_floating_point() or key in spec.statistics:
             continue
         other_tensor = _permute(other[key], spec.axes[key], perms, skip_axis=axis)
         ref_columns.append(ref_tensor.movedim(axis, 0).reshape(size, -1).float())

@@ -41,6 +41,9 @@ class PermutationSpec:
     model_name: str
     axes: Mapping[str, Axes]
     sizes: Mapping[str, int]
+    # Keys that are measured statistics (BatchNorm running mean and variance), not learned weights: permuted with
+    # their channels, but no evidence of which units correspond (see ecavg.core.matching).
+    statistics: frozenset[str] = frozenset()
     members: Mapping[str, tuple[tuple[str, int], ...]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -92,6 +95,7 @@ class _SpecBuilder:
     def __init__(self, model_name: str, model: nn.Module) -> None:
         self.model_name = model_name
         self.state = model.state_dict()
+        self.buffers = frozenset(name for name, _ in model.named_buffers())
         self.axes: dict[str, Axes] = {}
         self.sizes: dict[str, int] = {}
 
@@ -161,7 +165,8 @@ class _SpecBuilder:
         uncovered = [key for key in self.state if key not in self.axes]
         if uncovered:
             raise self.fail(f"state-dict keys outside the permutation spec: {_first_few(uncovered)}")
-        return PermutationSpec(self.model_name, {key: self.axes[key] for key in self.state}, dict(self.sizes))
+        return PermutationSpec(self.model_name, {key: self.axes[key] for key in self.state}, dict(self.sizes),
+                               statistics=frozenset(key for key in self.state if key in self.buffers))
 
 
 _WEIGHT_LAYERS = (nn.Linear, nn.Conv2d)
