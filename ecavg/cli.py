@@ -197,12 +197,12 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from ecavg.plan import make_plan, plan_table
     from ecavg.plan.inputs import run_config
 
-    if args.config is None and args.from_run is None:
+    if args.config is None and not args.from_runs:
         raise _UsageError("give --config FILE (and/or --from RUN_DIR, whose config is used otherwise)")
-    user = load_toml(args.config) if args.config is not None else run_config(args.from_run)
+    user = load_toml(args.config) if args.config is not None else run_config(args.from_runs[0])
     cfg = resolve_config(apply_overrides(user, args.overrides))
     edges = cfg["data"]["num_edges"]
-    plan = make_plan(cfg, data_dir=args.data_dir, from_run=args.from_run, message_overhead_s=args.message_overhead,
+    plan = make_plan(cfg, data_dir=args.data_dir, from_runs=args.from_runs, message_overhead_s=args.message_overhead,
                      links=parse_edge_values(args.links, flag="--link", num_edges=edges, parse=parse_rate),
                      cpu_shares=parse_edge_values(args.edge_cpu, flag="--edge-cpu", num_edges=edges,
                                                   parse=parse_cpu_share))
@@ -327,8 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     source = plan.add_mutually_exclusive_group()
     source.add_argument("--calibrate", action="store_true", help="measure compute here: a few training batches "
                                                                  "of the model (the default)")
-    source.add_argument("--from", dest="from_run", type=Path, metavar="RUN_DIR",
-                        help="take compute rates from an earlier run of the same model and dataset")
+    source.add_argument("--from", dest="from_runs", type=Path, metavar="RUN_DIR", action="append", default=[],
+                        help="take compute rates from an earlier run of the same model and dataset (and, from a "
+                             "deployed run, Flower's overhead); repeatable: the median over the runs")
     plan.add_argument("--message-overhead", type=float, metavar="SECONDS",
                       help="seconds per message exchange, replacing Flower's routing + the edge process start "
                            "(default: routing measured on the development machine + the start timed here)")

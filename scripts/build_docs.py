@@ -28,6 +28,11 @@ Directives (paths are relative to the repository root):
     Deployed runs over emulated links (``scripts/edge_conditions.py``): per run its links, codec and weights sent
     per edge, each phase's measured seconds with measured / predicted by the ``plan.json`` made before it, the
     round's total both ways and the edges' accuracy after the update.
+``@@crossover DIR`` (a line of its own)
+    The paper question's answer from ``ecavg plan --json`` files ``DIR/TASK,codec=C.json`` (each planned at one
+    link rate for every edge): per task and codec the weights per transfer, the round's compute, the link rate
+    below which transfers outweigh compute, and the round at 100, 10 and 1 Mbit/s (transfer time scales with
+    1/rate; compute and Flower's overhead do not).
 ``@@config RUN`` (a line of its own)
     The hyperparameters of one run, from its resolved config.
 ``@@curve RUN IMAGE`` (a line of its own)
@@ -38,6 +43,8 @@ Directives (paths are relative to the repository root):
     ``server_averaged``, ``server_finetuned``; ``{{time RUN}}`` the run's total seconds, as minutes;
     ``{{epoch_s RUN PHASE}}`` the median seconds of one epoch of PHASE (``pretrain``, ``finetune``,
     ``centralized``, ...).
+``{{round RUN}}``, ``{{speedup RUN_A RUN_B}}`` (inline)
+    A deployed run's measured round (the phases of its plan) in seconds; A's round over B's.
 ``{{pp RUN_A FIELD_A RUN_B FIELD_B}}`` (inline)
     A minus B in percentage points, signed.
 """
@@ -286,13 +293,21 @@ def _conditions_label(run: Path, results: dict[str, Any]) -> tuple[str, str]:
     return links, cpu or "-"
 
 
+def measured_round(run: Path) -> float:
+    """Seconds a deployed run spent in the phases its plan lists (every exchange and server step), as measured."""
+    measured = measured_phases(load_results(run))
+    if (run / "plan.json").is_file():
+        return sum(measured.get(ph["phase"], 0.0) for ph in json.loads((run / "plan.json").read_text())["phases"])
+    return sum(measured.values())
+
+
 def render_conditions(args: list[str]) -> str:
     """Deployed runs beside their plans: one row per run, phases measured (and measured / predicted)."""
     lines = []
     for arg in args:
         directory = REPO_ROOT / arg
         runs = sorted((d for d in directory.iterdir() if (d / "results.json").is_file()),
-                      key=lambda d: (d.name != "calibration", d.name.startswith("straggler"), d.name))
+                      key=lambda d: (not d.name.startswith("calibration"), d.name.startswith("straggler"), d.name))
         if not runs:
             raise DocError(f"no deployed runs in {rel(directory)}")
         phases: list[str] = []
@@ -319,7 +334,7 @@ def render_conditions(args: list[str]) -> str:
                 # A ratio of sub-second steps (the averaging) says nothing about the model: shown from 1 s.
                 cells.append("-" if m is None else f"{m:.1f} s" + (f" (x{m / planned[phase]:.2f})"
                                                                    if planned.get(phase, 0) >= 1.0 else ""))
-            total = sum(measured.get(phase, 0.0) for phase in (phases or measured))
+            total = measured_round(run)
             cells.append(f"{total:.1f} s")
             cells.append(f"{plan['summary']['total_s']:.1f} s (x{total / plan['summary']['total_s']:.2f})"
                          if plan else "-")
@@ -327,10 +342,45 @@ def render_conditions(args: list[str]) -> str:
             lines.append("| " + " | ".join(cells) + " |")
         lines += ["", "Seconds per phase as the server measured them (exchanges: from sending to the last reply); "
                       "(x*r*): measured / predicted by `ecavg plan` before the run, calibrated on the `calibration` "
-                      "run (shown where the plan gives a phase 1 s or more). Weights sent per edge: both directions, "
+                      "runs (shown where the plan gives a phase 1 s or more). Weights sent per edge: both directions, "
                       "in the run's codec; data: the edge's training share (`share_data = \"full\"`), uncompressed. "
                       f"Runs: `{rel(directory)}/`.", ""]
     return "\n".join(lines).rstrip("\n")
+
+
+def render_crossover(args: list[str]) -> str:
+    """Per task and codec: where communication starts to dominate an ECAvg round, and the round at three rates."""
+    directory = REPO_ROOT / args[0]
+    plans = sorted(directory.glob("*,codec=*.json"))
+    if not plans:
+        raise DocError(f"no TASK,codec=C.json plans in {rel(directory)}")
+    rates = (100e6, 10e6, 1e6)
+    lines = ["| task | codec | weights per transfer | compute per round | transfers outweigh compute below | "
+             + " | ".join(f"round at {r / 1e6:g} Mbit/s" for r in rates) + " |",
+             "|---|---|---:|---:|---:|" + "---:|" * len(rates)]
+    fp32_rounds: dict[str, list[float]] = {}
+    for path in plans:
+        task, codec = path.stem.split(",codec=")
+        plan = json.loads(path.read_text())
+        planned_rates = {e["rate_bps"] for e in plan["edges"]}
+        if len(planned_rates) != 1 or None in planned_rates:
+            raise DocError(f"{rel(path)}: plan every edge at one link rate (--link all=RATE)")
+        (planned_rate,) = planned_rates
+        summary = plan["summary"]
+        fixed = summary["compute_s"] + summary["overhead_s"]
+        rounds = [fixed + summary["communication_s"] * planned_rate / r for r in rates]
+        if codec == "fp32":
+            fp32_rounds[task] = rounds
+        cells = [task, codec, f"{plan['payloads']['whole'] / 1e6:.2f} MB", duration(summary["compute_s"]),
+                 f"{plan['crossover_rate_bps'] / 1e6:.2g} Mbit/s" if plan["crossover_rate_bps"] else "-"]
+        for k, seconds in enumerate(rounds):
+            base = fp32_rounds.get(task)
+            cells.append(duration(seconds) + (f" ({base[k] / seconds:.2f}x)" if base and codec != "fp32" else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Planned by `ecavg plan` from each task's measured compute (the paper run named in each plan) with "
+                  "Flower's per-message overhead as calibrated in the deployed runs above; (*n*x): the round's "
+                  f"speed-up over fp32. Plans: `{rel(directory)}/`."]
+    return "\n".join(lines)
 
 
 def render_config(args: list[str]) -> str:
@@ -448,13 +498,18 @@ def render_inline(match: re.Match) -> str:
         return f"{100 * (field_value(args[0], args[1]) - field_value(args[2], args[3])):+.2f} pp"
     if verb == "epoch_s" and len(args) == 2:
         return f"{median_epoch_seconds(REPO_ROOT / args[0], args[1]):.1f} s"
+    if verb == "round" and len(args) == 1:
+        return f"{measured_round(REPO_ROOT / args[0]):.0f} s"
+    if verb == "speedup" and len(args) == 2:
+        return f"{measured_round(REPO_ROOT / args[0]) / measured_round(REPO_ROOT / args[1]):.2f}x"
     if verb == "time" and len(args) == 1:
         return duration(run_summary(load_results(REPO_ROOT / args[0]))["total_s"])
     raise DocError(f"bad inline directive {{{{{match.group(1)}}}}}")
 
 
 BLOCKS = {"strategies": render_strategies, "sweep": render_sweep, "updates": render_updates,
-          "server": render_server, "conditions": render_conditions, "config": render_config, "curve": render_curve}
+          "server": render_server, "crossover": render_crossover, "conditions": render_conditions,
+          "config": render_config, "curve": render_curve}
 
 
 def render(source: Path) -> str:

@@ -4,10 +4,12 @@
         --output results/edge_conditions/mnist_mlp [--data-dir D] [--rates 100mbit,10mbit,1mbit] \
         [--codecs fp32,int8] [--straggler]
 
-1. `calibration/`: `ecavg deploy local` with no shaping. `ecavg plan --from` reads the compute rates from it and fits
-   Flower's per-message overhead to it, so the plans below use nothing measured on another machine or day.
+1. `calibration/`, `calibration-2/`: `ecavg deploy local` twice with no shaping. `ecavg plan --from` reads the
+   compute rates from them and fits Flower's per-message overhead to them (the median of the two: one run's
+   exchanges vary by a few seconds with Flower's polling), so the plans below use nothing measured on another
+   machine or day.
 2. For each codec and rate, `codec=C,link=R/`: `plan.json` (`ecavg plan --from calibration --link all=R --set
-   transfer.codec=C --json`), then `ecavg deploy local --link all=R --set transfer.codec=C`.
+   transfer.codec=C --json`, from both calibration runs), then `ecavg deploy local --link all=R --set transfer.codec=C`.
 3. With `--straggler`, `straggler,codec=C/` for the last codec: every link at the second rate, edge-1 at the
    slowest rate and half a core (`--edge-cpu edge-1=0.5`, hence `threads = 1`).
 
@@ -79,8 +81,9 @@ def main(argv: list[str]) -> int:
         common += ["--data-dir", args.data_dir]
     rates, codecs = args.rates.split(","), args.codecs.split(",")
     args.output.mkdir(parents=True, exist_ok=True)
-    calibration = args.output / "calibration"
-    deploy(calibration, common, [], args.timeout)
+    calibrations = [args.output / "calibration", args.output / "calibration-2"]
+    for calibration in calibrations:
+        deploy(calibration, common, [], args.timeout)
 
     runs: list[tuple[str, list[str], str]] = [(f"codec={c},link={r}", [f"--link=all={r}"], c)
                                               for c in codecs for r in rates]
@@ -92,7 +95,7 @@ def main(argv: list[str]) -> int:
         if (run / "results.json").exists():
             print(f"{run}: finished, kept")
             continue
-        plan = ecavg(["plan", *common, f"--set=transfer.codec={codec}", "--from", str(calibration),
+        plan = ecavg(["plan", *common, f"--set=transfer.codec={codec}", *(f"--from={c}" for c in calibrations),
                       *(c for c in conditions), "--json"], capture_output=True, text=True)
         if plan.returncode != 0:
             raise SystemExit(f"{run}: ecavg plan failed: {plan.stderr.strip().splitlines()[-1:]}")

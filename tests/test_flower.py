@@ -132,6 +132,38 @@ def test_deploy_local_reproduces_embedded_run(tmp_path, warm):
         _assert_all_stopped(out)
 
 
+@deploy
+@needs_proc
+def test_deploy_local_reproduces_embedded_ecavg_plus(tmp_path):
+    """The ECAvg+ server options deployed: the MNIST preset (weight matching) on the MNIST sample, with distillation
+    towards the edges' ensemble and a server holding half of each edge's data, gives the embedded run's figures."""
+    user = load_toml(REPO / "configs" / "ecavg_plus" / "mnist_mlp.toml")
+    user.update(threads=1, server_data_fraction=0.5, name="ecavg-plus")
+    user["data"] = {**user["data"], "dataset": "mnist-sample"}
+    user["model"] = {**user["model"], "hidden": 32}
+    user["edge"] = {**user["edge"], "epochs": 1}
+    user["server"] = {**user["server"], "epochs": 1, "objective": "distill"}
+    embedded = run_experiment(resolve_config(user), output_dir=tmp_path / "embedded")
+    deployed = deploy_local(user, edges=2, output_dir=tmp_path / "deployed", timeout_s=240)
+    out = Path(deployed["output_dir"])
+    try:
+        assert deployed["missing_edges"] == {}
+        for key in ("accuracy_averaged", "accuracy_ensemble", "accuracy_finetuned"):
+            assert math.isclose(deployed["server"][key], embedded["server"][key], abs_tol=1e-9), key
+        for e_emb, e_dep in zip(embedded["edges"], deployed["edges"], strict=True):
+            assert math.isclose(e_dep["accuracy_after"], e_emb["accuracy_after"], abs_tol=1e-9)
+        # Each edge uploaded its half (as `ecavg plan` counts it: half the full upload), and the server's model
+        # equals the embedded one's, which trained on the same half.
+        from ecavg.plan.inputs import data_upload_bytes, setup
+
+        cfg = resolve_config(user)
+        half = sum(data_upload_bytes(cfg, setup(cfg, None)))
+        full = sum(data_upload_bytes({**cfg, "server_data_fraction": 1.0}, setup(cfg, None)))
+        assert deployed["deploy"]["data_bytes_up"] == half and abs(half - full / 2) < 0.01 * full
+    finally:
+        _assert_all_stopped(out)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Validation of what edges send (in-process: Flower messages built directly)
 # ---------------------------------------------------------------------------------------------------

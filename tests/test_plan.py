@@ -294,6 +294,19 @@ def test_overheads_are_fitted_to_a_deployed_run(tmp_path, quickstart, capsys):
     assert (plan["message_overhead_s"], plan["hello_overhead_s"], plan["train_start_s"],
             plan["server_train_start_s"]) == pytest.approx((4.0, 9.0, 2.5, 3.0))
     assert "fitted to that deployed run" in plan["compute_source"]
+    # Several calibration runs: each figure's median over them.
+    import shutil
+
+    for k, extra in ((2, 2.0), (3, 4.0)):
+        other = shutil.copytree(run, tmp_path / f"run{k}")
+        results_k = json.loads((other / "results.json").read_text())
+        results_k["deploy"]["phase_wall_s"] = {p: w + extra for p, w in walls.items()}
+        (other / "results.json").write_text(json.dumps(results_k))
+    assert main(["plan", "--from", str(run), "--from", str(tmp_path / "run2"), "--from", str(tmp_path / "run3"),
+                 "--link", "all=2mbit", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert (plan["message_overhead_s"], plan["hello_overhead_s"]) == pytest.approx((6.0, 11.0))
+    assert "those 3 deployed runs (median)" in plan["compute_source"]
     del results["deploy"]["phase_wall_s"]["update"]
     (run / "results.json").write_text(json.dumps(results))
     with pytest.raises(ConfigError, match="does not train"):

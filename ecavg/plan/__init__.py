@@ -8,7 +8,7 @@ the bytes, builds the partition and measures (``--calibrate``) or reads (``--fro
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from ecavg.deploy.rates import format_rate
 from ecavg.errors import ConfigError
@@ -43,9 +43,11 @@ __all__ = [
 
 
 def make_plan(cfg: dict[str, Any], *, data_dir: str | None, links: Mapping[int, int],
-              cpu_shares: Mapping[int, float], from_run: Path | None = None,
+              cpu_shares: Mapping[int, float], from_runs: Sequence[Path] = (),
               message_overhead_s: float | None = None) -> dict[str, Any]:
-    """The plan of ``cfg`` (resolved): inputs, per-phase estimates and the run's summary, as JSON-ready data."""
+    """The plan of ``cfg`` (resolved): inputs, per-phase estimates and the run's summary, as JSON-ready data.
+    ``from_runs``: earlier runs to read the compute rates (and, if deployed, Flower's overhead) from, the median of
+    each figure over them; none: calibrate here."""
     from ecavg.plan import inputs
 
     if cfg["strategy"] not in ("ecavg", "fedavg", "centralized", "local"):
@@ -53,19 +55,26 @@ def make_plan(cfg: dict[str, Any], *, data_dir: str | None, links: Mapping[int, 
                           "(it models ecavg, fedavg, centralized and local)")
     if message_overhead_s is not None and not 0.0 <= message_overhead_s < float("inf"):
         raise ConfigError(f"--message-overhead must be a number of seconds >= 0, got {message_overhead_s!r}")
-    basis_threads = inputs.run_config(from_run).get("threads") if from_run is not None else cfg["threads"]
-    if cpu_shares and basis_threads != 1:
-        where = f"the run in {from_run} used" if from_run is not None else "the config has"
-        raise ConfigError(f"--edge-cpu is a share of one core, relative to one-thread compute, but {where} "
-                          f"threads = {basis_threads}; plan with --set threads=1 (and deploy with it too)")
+    for run in from_runs:
+        basis_threads = inputs.run_config(run).get("threads")
+        if cpu_shares and basis_threads != 1:
+            raise ConfigError(f"--edge-cpu is a share of one core, relative to one-thread compute, but the run in "
+                              f"{run} used threads = {basis_threads}; plan with --set threads=1 (and deploy with "
+                              "it too)")
+    if cpu_shares and not from_runs and cfg["threads"] != 1:
+        raise ConfigError(f"--edge-cpu is a share of one core, relative to one-thread compute, but the config has "
+                          f"threads = {cfg['threads']}; plan with --set threads=1 (and deploy with it too)")
     participants = inputs.setup(cfg, data_dir)
     overheads = None
-    if from_run is not None:
-        rates, source = inputs.rates_from_run(from_run, cfg), f"read from {from_run}"
-        overheads = inputs.overheads_from_run(from_run, rates, data_dir)
-        if overheads is not None:
-            source += (f"; Flower's overhead fitted to that deployed run (message {overheads.message_s:.1f} s, "
-                       f"first message {overheads.hello_s:.1f} s, first optimizer {overheads.train_start_s:.1f} s"
+    if from_runs:
+        rates = inputs.median_rates([inputs.rates_from_run(run, cfg) for run in from_runs])
+        source = f"read from {', '.join(str(run) for run in from_runs)}"
+        fitted = [o for o in (inputs.overheads_from_run(run, rates, data_dir) for run in from_runs) if o is not None]
+        if fitted:
+            overheads = inputs.median_overheads(fitted)
+            runs = "that deployed run" if len(fitted) == 1 else f"those {len(fitted)} deployed runs (median)"
+            source += (f"; Flower's overhead fitted to {runs} (message {overheads.message_s:.1f} s, first message "
+                       f"{overheads.hello_s:.1f} s, first optimizer {overheads.train_start_s:.1f} s"
                        + (f", the server's {overheads.server_train_start_s:.1f} s"
                           if overheads.server_train_start_s is not None else "") + ")")
     else:

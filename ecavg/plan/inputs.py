@@ -376,3 +376,20 @@ def overheads_from_run(run_dir: Path, rates: ComputeRates, data_dir: str | None)
     return Overheads(message_s=message, hello_s=max(message, residual["hello"]),
                      train_start_s=max(0.0, statistics.mean(trained) - message) if trained else TRAIN_START_S,
                      server_train_start_s=server_start)
+
+
+def _median(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def median_rates(rates: list[ComputeRates]) -> ComputeRates:
+    """Each compute rate's median over several runs' (one run: its own)."""
+    return ComputeRates(**{name: _median([getattr(r, name) for r in rates])
+                           for name in ComputeRates.__dataclass_fields__})
+
+
+def median_overheads(overheads: list[Overheads]) -> Overheads:
+    """Each overhead's median over several deployed runs' fits."""
+    return Overheads(**{name: _median([getattr(o, name) for o in overheads])
+                        for name in Overheads.__dataclass_fields__})
