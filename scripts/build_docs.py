@@ -26,8 +26,8 @@ Directives (paths are relative to the repository root):
     ensemble (``server.objective = "distill"``'s teacher), the fine-tuned server and the edges after the update.
 ``@@conditions DIR [DIR ...]`` (a line of its own)
     Deployed runs over emulated links (``scripts/edge_conditions.py``): per run its links, codec and weights sent
-    per edge, each phase's measured seconds with measured / predicted by the ``plan.json`` made before it, the
-    round's total both ways and the edges' accuracy after the update.
+    per edge, each phase's measured seconds with measured / predicted by its ``plan.json`` (made from the
+    calibration runs alone), the round's total both ways and the edges' accuracy after the update.
 ``@@crossover DIR`` (a line of its own)
     The paper question's answer from ``ecavg plan --json`` files ``DIR/TASK,codec=C.json`` (each planned at one
     link rate for every edge): per task and codec the weights per transfer, the round's compute, the link rate
@@ -341,9 +341,10 @@ def render_conditions(args: list[str]) -> str:
             cells.append(percent_spread([statistics.fmean(e["accuracy_after"] for e in results["edges"])]))
             lines.append("| " + " | ".join(cells) + " |")
         lines += ["", "Seconds per phase as the server measured them (exchanges: from sending to the last reply); "
-                      "(x*r*): measured / predicted by `ecavg plan` before the run, calibrated on the `calibration` "
-                      "runs (shown where the plan gives a phase 1 s or more). Weights sent per edge: both directions, "
-                      "in the run's codec; data: the edge's training share (`share_data = \"full\"`), uncompressed. "
+                      "(x*r*): measured / predicted by `ecavg plan` from the two unshaped `calibration` runs alone "
+                      "(nothing of the run itself; shown where the plan gives a phase 1 s or more). Weights sent "
+                      "per edge: both directions, in the run's codec; data: the edge's training share "
+                      "(`share_data = \"full\"`), uncompressed. "
                       f"Runs: `{rel(directory)}/`.", ""]
     return "\n".join(lines).rstrip("\n")
 

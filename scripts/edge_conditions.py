@@ -15,8 +15,9 @@
 
 Each run directory keeps what the docs read (results.json, config.json, metrics.jsonl, results.md, plan.json, the
 applied conditions); weights and Flower's logs are removed. A finished run is skipped, so an interrupted
-measurement resumes. `scripts/build_docs.py` renders the directory with `@@conditions`. Needs root (namespaces,
-veth pairs, tc), like `ecavg deploy local --link`.
+measurement resumes; `--replan` rewrites the finished runs' plans (still from the calibration runs alone).
+`scripts/build_docs.py` renders the directory with `@@conditions`. Needs root (namespaces, veth pairs, tc), like
+`ecavg deploy local --link`.
 """
 
 from __future__ import annotations
@@ -75,6 +76,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--codecs", default="fp32,int8")
     parser.add_argument("--straggler", action="store_true")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per deployed run")
+    parser.add_argument("--replan", action="store_true",
+                        help="also rewrite the plan.json of finished runs (from the calibration runs only, as before "
+                             "they ran), e.g. after a change to the time model")
     args = parser.parse_args(argv)
     common = ["--config", args.config, *(f"--set={o}" for o in args.overrides)]
     if args.data_dir:
@@ -92,14 +96,16 @@ def main(argv: list[str]) -> int:
         runs.append((f"straggler,codec={codecs[-1]}", slow, codecs[-1]))
     for name, conditions, codec in runs:
         run = args.output / name
-        if (run / "results.json").exists():
+        finished = (run / "results.json").exists()
+        if finished and not args.replan:
             print(f"{run}: finished, kept")
             continue
         plan = ecavg(["plan", *common, f"--set=transfer.codec={codec}", *(f"--from={c}" for c in calibrations),
                       *(c for c in conditions), "--json"], capture_output=True, text=True)
         if plan.returncode != 0:
             raise SystemExit(f"{run}: ecavg plan failed: {plan.stderr.strip().splitlines()[-1:]}")
-        deploy(run, [*common, f"--set=transfer.codec={codec}"], conditions, args.timeout)
+        if not finished:
+            deploy(run, [*common, f"--set=transfer.codec={codec}"], conditions, args.timeout)
         (run / "plan.json").write_text(plan.stdout)
     return 0
 

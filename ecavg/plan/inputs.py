@@ -373,7 +373,7 @@ def overheads_from_run(run_dir: Path, rates: ComputeRates, data_dir: str | None)
         raise ConfigError(f"--from {run_dir}: its deploy.phase_wall_s lacks the hello or a message that does not "
                           "train (e.g. a replace update), which the overhead is fitted to; use --calibrate")
     message = max(0.0, statistics.mean(plain))
-    return Overheads(message_s=message, hello_s=max(message, residual["hello"]),
+    return Overheads(message_s=message, hello_s=max(0.0, residual["hello"]),
                      train_start_s=max(0.0, statistics.mean(trained) - message) if trained else TRAIN_START_S,
                      server_train_start_s=server_start)
 
