@@ -52,8 +52,11 @@ def deploy(run: Path, common: list[str], conditions: list[str], timeout_s: float
     if (run / "results.json").exists():
         print(f"{run}: finished, kept")
         return
-    if run.exists():
-        shutil.rmtree(run)  # an interrupted run: start it again
+    if run.exists():  # an interrupted or failed run: kept aside for its logs, and started again
+        attempt = 1
+        while run.with_name(f"{run.name}.failed-{attempt}").exists():
+            attempt += 1
+        run.rename(run.with_name(f"{run.name}.failed-{attempt}"))
     command = ["deploy", "local", *common, *conditions, "--output", str(run), "--timeout", str(int(timeout_s))]
     started, load = time.time(), os.getloadavg()[0]
     print(f"{time.strftime('%H:%M:%S')} {run}: ecavg {' '.join(command)}", flush=True)

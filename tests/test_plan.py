@@ -16,6 +16,7 @@ from ecavg.errors import ConfigError
 from ecavg.plan.model import (
     COMMUNICATION,
     COMPUTE,
+    FLOWER_ROUTING_S,
     HELLO_EXTRA_S,
     MESSAGE_OVERHEAD_S,
     OVERHEAD,
@@ -91,6 +92,13 @@ def test_a_phase_waits_for_the_slowest_edge_link_and_cpu():
     pre = by_phase(slow_cpu)["pretrain"]
     assert pre.slowest == "edge-1" and pre.compute_s == pytest.approx(4 * 2.02)
     assert pre.per_edge["edge-0"]["compute_s"] == pytest.approx(2.02)
+    # Its process start (CPU work, part of each message's overhead) is slowed by the share too; the rest of the
+    # overhead (Flower's routing) is not.
+    started = by_phase(replace(slow_cpu, edge_start_s=2.0))
+    assert started["pretrain"].overhead_s == pytest.approx(3.0 + 1.0 + 2.0 * 3)  # message + train start + 3 x start
+    assert started["hello"].overhead_s == pytest.approx(5.0 + 2.0 * 3)
+    assert by_phase(replace(slow_cpu, edge_start_s=2.0, edges=(EdgeInputs("edge-0", 1000, 100),)))[
+        "pretrain"].overhead_s == pytest.approx(4.0)
     # More samples on one edge: that edge is the straggler even on equal links.
     uneven = inputs(edges=(EdgeInputs("edge-0", 3000, 100), EdgeInputs("edge-1", 1000, 100)))
     assert by_phase(uneven)["pretrain"].slowest == "edge-0"
@@ -235,9 +243,14 @@ def test_plan_command_json_and_table(tmp_path, quickstart, capsys):
     assert phases["pretrain"]["bytes_up"] == plan["payloads"]["upload"] + plan["edges"][1]["data_bytes"]
     assert plan["edges"][0]["cpu_share"] == 0.5 and plan["edges"][1]["rate_bps"] == 1e5
     assert math.isclose(plan["summary"]["total_s"], sum(ph["total_s"] for ph in plan["phases"]), abs_tol=0.01)
-    # Read from an embedded run, the edge process start is the development machine's figure.
-    assert plan["message_overhead_s"] == pytest.approx(MESSAGE_OVERHEAD_S)
-    assert plan["hello_overhead_s"] == pytest.approx(MESSAGE_OVERHEAD_S + HELLO_EXTRA_S)
+    # Read from an embedded run with an edge below one core: the edge process start is timed here (the share
+    # slows it), on top of the development machine's routing figure.
+    assert "timed here" in plan["compute_source"]
+    assert plan["message_overhead_s"] > FLOWER_ROUTING_S
+    assert plan["hello_overhead_s"] == pytest.approx(plan["message_overhead_s"] + HELLO_EXTRA_S)
+    # Without --edge-cpu nothing is timed: the development machine's figures.
+    assert main(["plan", "--from", str(run), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["message_overhead_s"] == pytest.approx(MESSAGE_OVERHEAD_S)
     assert main(["plan", "--from", str(run), "--message-overhead", "2.5"]) == 0
     table = capsys.readouterr().out
     assert "pretrain" in table and "finetune" in table and "No --link given" in table

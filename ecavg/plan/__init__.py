@@ -7,6 +7,7 @@ the bytes, builds the partition and measures (``--calibrate``) or reads (``--fro
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -69,6 +70,11 @@ def make_plan(cfg: dict[str, Any], *, data_dir: str | None, links: Mapping[int, 
     if from_runs:
         rates = inputs.median_rates([inputs.rates_from_run(run, cfg) for run in from_runs])
         source = f"read from {', '.join(str(run) for run in from_runs)}"
+        if any(share < 1.0 for share in cpu_shares.values()):
+            # A CPU share slows the edge's process start too: time it here (the runs do not separate it).
+            start, _ = inputs.edge_start_seconds(cfg, data_dir)
+            rates = replace(rates, edge_start_s=start)
+            source += f"; edge process start {start:.1f} s timed here (divided by an edge's CPU share)"
         fitted = [o for o in (inputs.overheads_from_run(run, rates, data_dir) for run in from_runs) if o is not None]
         if fitted:
             overheads = inputs.median_overheads(fitted)

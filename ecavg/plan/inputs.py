@@ -164,7 +164,8 @@ def plan_inputs(cfg: dict[str, Any], participants: Participants, rates: ComputeR
         bn_recalibration_samples=bn, update_mode=cfg["update"]["mode"], update_epochs=cfg["update"]["epochs"],
         update_batch_size=cfg["update"]["batch_size"] or cfg["edge"]["batch_size"],
         message_overhead_s=message_overhead_s, hello_overhead_s=message_overhead_s + hello_extra_s,
-        train_start_s=train_start_s, server_train_start_s=server_train_start_s)
+        train_start_s=train_start_s, server_train_start_s=server_train_start_s,
+        edge_start_s=rates.edge_start_s or 0.0)
 
 
 # -- compute: measured here ---------------------------------------------------------------------------------

@@ -112,6 +112,9 @@ class PlanInputs:
     hello_overhead_s: float = HELLO_OVERHEAD_S
     train_start_s: float = TRAIN_START_S  # once per training message, and once for the server's first training
     server_train_start_s: float | None = None  # the server's first training, where measured apart (else train_start_s)
+    # The part of each message's overhead that is the edge's process start (importing PyTorch, loading its data):
+    # CPU work, so an edge with a CPU share below one core takes start / share for it (0: not measured).
+    edge_start_s: float = 0.0
 
 
 @dataclass
@@ -183,12 +186,13 @@ def _edge_update_s(p: PlanInputs, edge: EdgeInputs) -> float:
 def _exchange(p: PlanInputs, phase: str, *, compute, down, up, overhead: float) -> PhaseEstimate:
     """A message to every edge; the phase ends with the last reply."""
     costs: dict[str, EdgeCost] = {}
+    start = min(p.edge_start_s, overhead)  # the CPU-bound part of this message's overhead
     for edge in p.edges:
         bytes_down, bytes_up = down(edge), up(edge)
         costs[edge.name] = EdgeCost(
             compute_s=compute(edge) / edge.cpu_share,
             transfer_s=transfer_seconds(bytes_down, edge.rate_bps) + transfer_seconds(bytes_up, edge.rate_bps),
-            overhead_s=overhead, bytes_down=bytes_down, bytes_up=bytes_up)
+            overhead_s=overhead + start * (1.0 / edge.cpu_share - 1.0), bytes_down=bytes_down, bytes_up=bytes_up)
     slowest = max(costs, key=lambda n: costs[n].total_s)
     c = costs[slowest]
     parts = {COMPUTE: c.compute_s, COMMUNICATION: c.transfer_s, OVERHEAD: c.overhead_s}
