@@ -378,9 +378,11 @@ def render_crossover(args: list[str]) -> str:
             base = fp32_rounds.get(task)
             cells.append(duration(seconds) + (f" ({base[k] / seconds:.2f}x)" if base and codec != "fp32" else ""))
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Planned by `ecavg plan` from each task's measured compute (the paper run named in each plan) with "
-                  "Flower's per-message overhead as calibrated in the deployed runs above; (*n*x): the round's "
-                  f"speed-up over fp32. Plans: `{rel(directory)}/`."]
+    lines += ["", "Planned by `ecavg plan` from each task's measured compute (the paper run named in each plan's "
+                  "`compute_source`) with the per-message overhead given in its `message_overhead_s`; a task named "
+                  "`-data-on-server` has `deploy.share_data = \"none\"` (the server fine-tunes on its own copy of "
+                  "the data), the others upload each edge's training data with its pre-trained model; (*n*x): the "
+                  f"round's speed-up over fp32. Plans: `{rel(directory)}/`."]
     return "\n".join(lines)
 
 
