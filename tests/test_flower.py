@@ -144,7 +144,7 @@ def test_deploy_local_reproduces_embedded_ecavg_plus(tmp_path):
     user["edge"] = {**user["edge"], "epochs": 1}
     user["server"] = {**user["server"], "epochs": 1, "objective": "distill"}
     embedded = run_experiment(resolve_config(user), output_dir=tmp_path / "embedded")
-    deployed = deploy_local(user, edges=2, output_dir=tmp_path / "deployed", timeout_s=240)
+    deployed = deploy_local(user, edges=2, output_dir=tmp_path / "deployed", timeout_s=480)
     out = Path(deployed["output_dir"])
     try:
         assert deployed["missing_edges"] == {}
