@@ -231,6 +231,7 @@ def test_rates_from_run(tmp_path, quickstart):
         rates_from_run(tmp_path / "run", cfg)
 
 
+@pytest.mark.slow  # times an edge process start in a subprocess (--edge-cpu): about 10 s
 def test_plan_command_json_and_table(tmp_path, quickstart, capsys):
     cfg, _ = quickstart
     run = fake_run(tmp_path, cfg)
