@@ -150,4 +150,9 @@ def write_outputs(out_dir: Path, results: Mapping[str, Any], outcome: Outcome) -
     write_text_atomic(out_dir / "results.md", results_table(results))
     plot_accuracy(results, out_dir / "accuracy.png")
     # Last: results.json says the run is finished (sweeps read it back, `deploy local` stops the processes).
+    write_results(out_dir, results)
+
+
+def write_results(out_dir: Path, results: Mapping[str, Any]) -> None:
+    """results.json, atomically (a reader sees the old document or the whole new one)."""
     write_text_atomic(out_dir / "results.json", json.dumps(results, indent=2) + "\n")

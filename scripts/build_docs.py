@@ -189,6 +189,15 @@ def render_sweep(args: list[str]) -> str:
     return "\n".join(lines)
 
 
+def pp(values: list[float | None]) -> str:
+    """Changes (fractions) as signed percentage points, mean ± standard deviation where there are several."""
+    present = [100 * v for v in values if v is not None]
+    if not present:
+        return "-"
+    mean, std = statistics.fmean(present), statistics.pstdev(present)
+    return f"{mean:+.2f}" + (f" ± {std:.2f}" if len(present) > 1 else "")
+
+
 def update_figures(results: dict[str, Any]) -> dict[str, Any]:
     """What the update step gave one run's edges (see ``@@updates``)."""
     edges = [e for e in results["edges"] if e["accuracy_after"] is not None and e["accuracy_before"] is not None]
@@ -217,13 +226,6 @@ def render_updates(args: list[str]) -> str:
         "| after, full test set | kept | update training / pre-training |",
         "|" + "---|" * len(columns) + "---:|" * 5 + "---|---:|",
     ]
-
-    def pp(values: list[float | None]) -> str:
-        present = [100 * v for v in values if v is not None]
-        if not present:
-            return "-"
-        mean, std = statistics.fmean(present), statistics.pstdev(present)
-        return f"{mean:+.2f}" + (f" ± {std:.2f}" if len(present) > 1 else "")
 
     for ident, members in groups.items():
         kept = "; ".join(dict.fromkeys(m["kept"] for m in members))
@@ -266,9 +268,7 @@ def render_server(args: list[str]) -> str:
         cells = list(ident[1:]) + [str(len(members))]
         for key in ("before", "averaged", "recalibrated"):
             cells.append(percent_spread([m[key] for m in members]))
-        gaps = [100 * m["gap"] for m in members if m["gap"] is not None]
-        cells.append(f"{statistics.fmean(gaps):+.2f}" + (f" ± {statistics.pstdev(gaps):.2f}" if len(gaps) > 1 else "")
-                     if gaps else "-")
+        cells.append(pp([m["gap"] for m in members]))
         for key in ("ensemble", "finetuned", "after"):
             cells.append(percent_spread([m[key] for m in members]))
         cells.append(duration(statistics.fmean(m["total_s"] for m in members)))
@@ -280,11 +280,9 @@ def render_server(args: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _conditions_label(run: Path, results: dict[str, Any]) -> tuple[str, str]:
-    """(links, CPU) of a deployed run as ``deploy local`` recorded them (results.json, or edge_conditions.json)."""
-    deploy = dict(results.get("deploy", {}))
-    if "links" not in deploy and "edge_cpu" not in deploy and (run / "edge_conditions.json").is_file():
-        deploy.update(json.loads((run / "edge_conditions.json").read_text()))
+def _conditions_label(results: dict[str, Any]) -> tuple[str, str]:
+    """(links, CPU) of a deployed run as ``deploy local`` recorded them in its results.json."""
+    deploy = results.get("deploy", {})
     edges = (deploy.get("links") or {}).get("edges") or {}
     rates = {name: link.get("rate", "unshaped") for name, link in sorted(edges.items())}
     links = ("all " + next(iter(rates.values())) if len(set(rates.values())) == 1
@@ -293,12 +291,20 @@ def _conditions_label(run: Path, results: dict[str, Any]) -> tuple[str, str]:
     return links, cpu or "-"
 
 
-def measured_round(run: Path) -> float:
+def load_plan(run: Path) -> dict[str, Any] | None:
+    """The plan.json beside a deployed run (None: it has none)."""
+    return json.loads((run / "plan.json").read_text()) if (run / "plan.json").is_file() else None
+
+
+def round_seconds(measured: dict[str, float], plan: dict[str, Any] | None) -> float:
     """Seconds a deployed run spent in the phases its plan lists (every exchange and server step), as measured."""
-    measured = measured_phases(load_results(run))
-    if (run / "plan.json").is_file():
-        return sum(measured.get(ph["phase"], 0.0) for ph in json.loads((run / "plan.json").read_text())["phases"])
+    if plan is not None:
+        return sum(measured.get(ph["phase"], 0.0) for ph in plan["phases"])
     return sum(measured.values())
+
+
+def measured_round(run: Path) -> float:
+    return round_seconds(measured_phases(load_results(run)), load_plan(run))
 
 
 def render_conditions(args: list[str]) -> str:
@@ -310,31 +316,30 @@ def render_conditions(args: list[str]) -> str:
                       key=lambda d: (not d.name.startswith("calibration"), d.name.startswith("straggler"), d.name))
         if not runs:
             raise DocError(f"no deployed runs in {rel(directory)}")
+        plans = {run: load_plan(run) for run in runs}
         phases: list[str] = []
-        for run in runs:
-            if (run / "plan.json").is_file():
-                phases += [ph["phase"] for ph in json.loads((run / "plan.json").read_text())["phases"]
-                           if ph["phase"] not in phases]
+        for plan in plans.values():
+            phases += [ph["phase"] for ph in (plan or {}).get("phases", []) if ph["phase"] not in phases]
         lines += ["| run | links | CPU | codec | weights sent per edge | data sent per edge | " + " | ".join(phases)
                   + " | round, measured | round, planned | edge acc. after |",
                   "|---|---|---|---|---:|---:|" + "---:|" * (len(phases) + 3)]
         for run in runs:
             results = load_results(run)
             measured = measured_phases(results)
-            plan = json.loads((run / "plan.json").read_text()) if (run / "plan.json").is_file() else None
+            plan = plans[run]
             planned = {ph["phase"]: ph["total_s"] for ph in plan["phases"]} if plan else {}
             transfer = results.get("transfer", {})
             codec = transfer.get("codec", "fp32") + ("+delta" if transfer.get("delta") else "")
             data = results.get("deploy", {}).get("data_bytes_up") or 0
             sent = (sum(results["bytes"].values()) - data) / max(1, len(results["edges"]))
-            cells = [run.name, *_conditions_label(run, results), codec, f"{sent / 1e6:.2f} MB",
+            cells = [run.name, *_conditions_label(results), codec, f"{sent / 1e6:.2f} MB",
                      f"{data / max(1, len(results['edges'])) / 1e6:.2f} MB"]
             for phase in phases:
                 m = measured.get(phase)
                 # A ratio of sub-second steps (the averaging) says nothing about the model: shown from 1 s.
                 cells.append("-" if m is None else f"{m:.1f} s" + (f" (x{m / planned[phase]:.2f})"
                                                                    if planned.get(phase, 0) >= 1.0 else ""))
-            total = measured_round(run)
+            total = round_seconds(measured, plan)
             cells.append(f"{total:.1f} s")
             cells.append(f"{plan['summary']['total_s']:.1f} s (x{total / plan['summary']['total_s']:.2f})"
                          if plan else "-")

@@ -13,8 +13,8 @@
 3. With `--straggler`, `straggler,codec=C/` for the last codec: every link at the second rate, edge-1 at the
    slowest rate and half a core (`--edge-cpu edge-1=0.5`, hence `threads = 1`).
 
-Each run directory keeps what the docs read (results.json, config.json, metrics.jsonl, results.md, plan.json, the
-applied conditions); weights and Flower's logs are removed. A finished run is skipped, so an interrupted
+Each run directory keeps what the docs read (results.json, config.json, metrics.jsonl, results.md, plan.json,
+command.json); weights and Flower's logs are removed. A finished run is skipped, so an interrupted
 measurement resumes; `--replan` rewrites the finished runs' plans (still from the calibration runs alone).
 `scripts/build_docs.py` renders the directory with `@@conditions`. Needs root (namespaces, veth pairs, tc), like
 `ecavg deploy local --link`.
@@ -39,12 +39,9 @@ def ecavg(args: list[str], **kwargs) -> subprocess.CompletedProcess:
 
 
 def prune(run: Path) -> None:
-    """Keep what the docs read; weights, checkpoints and logs go."""
-    conditions = run / "deploy" / "edge_conditions.json"
-    if conditions.exists():
-        shutil.copy2(conditions, run / "edge_conditions.json")
+    """Keep what the docs read (results.json records the links and CPU shares); weights, checkpoints and logs go."""
     for path in run.iterdir():
-        if path.name not in KEEP and path.name != "edge_conditions.json":
+        if path.name not in KEEP:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
@@ -104,7 +101,7 @@ def main(argv: list[str]) -> int:
             print(f"{run}: finished, kept")
             continue
         plan = ecavg(["plan", *common, f"--set=transfer.codec={codec}", *(f"--from={c}" for c in calibrations),
-                      *(c for c in conditions), "--json"], capture_output=True, text=True)
+                      *conditions, "--json"], capture_output=True, text=True)
         if plan.returncode != 0:
             raise SystemExit(f"{run}: ecavg plan failed: {plan.stderr.strip().splitlines()[-1:]}")
         if not finished:

@@ -46,7 +46,7 @@ from ecavg.deploy.flwr_cli import (
 from ecavg.deploy.processes import LocalFederation, Tls
 from ecavg.deploy.workdir import WorkDir
 from ecavg.errors import ConfigError, DeployError
-from ecavg.fileio import write_text_atomic
+from ecavg.report import write_results
 from ecavg.runtime.setup import FAILURE_FILE, RUN_CONFIG, RunDirectory, default_output_dir
 from ecavg.tracking import require_backend
 
@@ -330,7 +330,7 @@ def deploy_local(
             results = _follow_local_run(federation, run_id, out, logs, timeout_s=timeout_s, started=started)
             # The ServerApp cannot know how its edges were launched: the launcher adds it, in place, atomically.
             results["deploy"].update(clientapp="warm" if warm_clientapps else "per-message", **conditions.to_dict())
-            write_text_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
+            write_results(out, results)
             return results
 
 

@@ -56,15 +56,12 @@ def make_plan(cfg: dict[str, Any], *, data_dir: str | None, links: Mapping[int, 
                           "(it models ecavg, fedavg, centralized and local)")
     if message_overhead_s is not None and not 0.0 <= message_overhead_s < float("inf"):
         raise ConfigError(f"--message-overhead must be a number of seconds >= 0, got {message_overhead_s!r}")
-    for run in from_runs:
-        basis_threads = inputs.run_config(run).get("threads")
-        if cpu_shares and basis_threads != 1:
-            raise ConfigError(f"--edge-cpu is a share of one core, relative to one-thread compute, but the run in "
-                              f"{run} used threads = {basis_threads}; plan with --set threads=1 (and deploy with "
-                              "it too)")
-    if cpu_shares and not from_runs and cfg["threads"] != 1:
-        raise ConfigError(f"--edge-cpu is a share of one core, relative to one-thread compute, but the config has "
-                          f"threads = {cfg['threads']}; plan with --set threads=1 (and deploy with it too)")
+    bases = ([(f"the run in {run} used", inputs.run_config(run).get("threads")) for run in from_runs]
+             or [("the config has", cfg["threads"])])
+    for where, basis_threads in bases if cpu_shares else ():
+        if basis_threads != 1:
+            raise ConfigError(f"--edge-cpu is a share of one core, relative to one-thread compute, but {where} "
+                              f"threads = {basis_threads}; plan with --set threads=1 (and deploy with it too)")
     participants = inputs.setup(cfg, data_dir)
     overheads = None
     if from_runs:
