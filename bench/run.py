@@ -10,6 +10,8 @@ Sections (default: training, aggregation, transfer; ``experiments`` joins them i
   scale        (only with --sections scale) ECAvg with 10, 100, 1,000 edges: wall time, peak RSS, checkpoint disk
   deploy-overhead  (only with --sections deploy-overhead) `ecavg deploy local` per phase against embedded and
                against a no-op Flower app's round trip on the same kind of federation (written as deploy_overhead)
+  time-to-accuracy  (only with --sections time-to-accuracy) configs/fast/ runs, ECAvg and centralized, timed to
+               the paper's after-update accuracy on every edge (written as time_to_accuracy)
 
 Every section prints a table and is merged into bench/results/latest.json (schema in bench/README.md).
 """
@@ -37,7 +39,7 @@ from bench.common import (
     write_results,
 )
 
-SECTIONS = ("training", "aggregation", "transfer", "experiments", "e2e", "scale", "deploy-overhead")
+SECTIONS = ("training", "aggregation", "transfer", "experiments", "e2e", "scale", "deploy-overhead", "time-to-accuracy")
 DEFAULT_SECTIONS = ("training", "aggregation", "transfer")
 
 
@@ -64,6 +66,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="deploy-overhead: ClientApp modes to measure (per-message: Flower's fresh process per "
                              "message; warm: --warm-clientapps)")
     parser.add_argument("--noop-rounds", type=int, default=None, help="deploy-overhead: rounds of the no-op app")
+    parser.add_argument("--tasks", default=None,
+                        help="time-to-accuracy: comma-separated tasks of configs/fast/ (default cifar10_mobilenetv2; "
+                             "also cifar100_resnet50)")
+    parser.add_argument("--keep-runs", type=Path, default=None,
+                        help="time-to-accuracy: keep the runs as DIR/<task>/fast/strategy=<ecavg|centralized> "
+                             "(e.g. results)")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR,
                         help="where the plain baseline's extracted JPEG trees live")
@@ -137,6 +145,12 @@ def main(argv: list[str] | None = None) -> int:
 
             body = deploy_overhead.run([m.strip() for m in args.deploy_modes.split(",") if m.strip()],
                                        rounds=args.noop_rounds or deploy_overhead.DEFAULT_ROUNDS)
+        elif name == "time-to-accuracy":
+            from bench import time_to_accuracy
+
+            tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else \
+                time_to_accuracy.DEFAULT_TASKS
+            body = time_to_accuracy.run(args.data_dir, tasks, keep_runs=args.keep_runs)
         else:  # pragma: no cover - selected_sections validates names
             raise AssertionError(name)
         body = {**body, "seconds": time.perf_counter() - section_started,

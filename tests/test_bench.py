@@ -238,3 +238,38 @@ def test_the_noop_floor_app_imports_flower_only_and_its_rows_subtract_the_floor(
                        "excess_over_floor_warm_s": 7.0}
     assert rows[1]["deployed_minus_embedded_s"] == 10.0 and rows[1]["excess_over_floor_warm_s"] == 6.5
     assert "deploy-overhead" in bench_run.SECTIONS
+
+
+@pytest.mark.slow
+def test_time_to_accuracy_times_the_fast_config_and_its_centralized_baseline(tmp_path, monkeypatch):
+    """Both runs in fresh processes, judged by their worst edge; kept where --keep-runs says."""
+    from bench import time_to_accuracy
+
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "cifar10_mobilenetv2.toml").write_text(
+        'eval_each_epoch = false\nthreads = 1\n[data]\ndataset = "mnist-sample"\ntest_augment = "flip"\n'
+        '[model]\nname = "mlp"\nhidden = 16\n[edge]\nepochs = 1\nbatch_size = 32\nlr = 0.05\n'
+        '[server]\nepochs = 1\nbatch_size = 32\nlr = 0.05\n')
+    # A target every edge reaches and one none does: "reached" follows the worst edge.
+    monkeypatch.setitem(time_to_accuracy.TARGETS, "cifar10_mobilenetv2", (0.0, 3600))
+    body = time_to_accuracy.run(tmp_path, keep_runs=tmp_path / "kept", config_dir=configs)
+    rows = {r["strategy"]: r for r in body["runs"]}
+    assert set(rows) == {"ecavg", "centralized"}
+    for strategy, row in rows.items():
+        assert row["exit_code"] == 0, row.get("error")
+        assert row["reached"] and row["within_goal"] and row["seconds_to_target"] == row["seconds"] > 0
+        assert row["worst_edge_accuracy_after"] == min(row["edges_accuracy_after"])
+        assert (tmp_path / "kept" / "cifar10_mobilenetv2" / "fast" / f"strategy={strategy}" / "results.json").exists()
+    assert rows["centralized"]["timing_s"]["pretrain"] == 0
+    summary = body["summary"]["cifar10_mobilenetv2"]
+    assert summary["ecavg_over_centralized_seconds"] == pytest.approx(rows["ecavg"]["seconds"] /
+                                                                      rows["centralized"]["seconds"])
+    with pytest.raises(SystemExit, match="already exists"):
+        time_to_accuracy.run(tmp_path, keep_runs=tmp_path / "kept", config_dir=configs)
+    results = json.loads((tmp_path / "kept/cifar10_mobilenetv2/fast/strategy=ecavg/results.json").read_text())
+    worst = rows["ecavg"]["worst_edge_accuracy_after"]
+    missed = time_to_accuracy.judge(results, 10.0, worst + 1e-6, 3600)
+    assert missed["reached"] is False and missed["seconds_to_target"] is None and missed["within_goal"] is False
+    slow = time_to_accuracy.judge(results, 10.0, worst, 5)
+    assert slow["reached"] and slow["seconds_to_target"] == 10.0 and slow["within_goal"] is False

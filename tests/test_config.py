@@ -50,6 +50,7 @@ def test_paper_configs_exist():
         ({"data": 3}, "data"),
         ({"seed": True}, "seed"),
         ({"device": "tpu"}, "device"),
+        ({"data": {"test_augment": "crop"}}, "data.test_augment"),
     ],
 )
 def test_bad_values_are_named(user, needle):

@@ -170,3 +170,25 @@ def test_onecycle_training_runs_for_any_number_of_steps(steps):
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(H * W, 3))
     history = train(model, loader, TrainingSettings(epochs=1, batch_size=4, lr=0.1, schedule="onecycle"))
     assert len(history) == 1 and torch.isfinite(torch.tensor(history[0]["train_loss"]))
+
+
+def test_test_time_flip_scores_the_mean_of_an_image_and_its_mirror():
+    """data.test_augment = "flip": every evaluation (edges', server's, the ensemble's) goes through the factory,
+    which averages the logits of each test image and of its mirror; without it, the image alone."""
+    from ecavg.core.participants import DataSpec, ModelFactory
+
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (40, 1, H, W), dtype=torch.uint8)
+    labels = torch.randint(0, 3, (40,))
+    data = ImageDataset(images, labels, [str(c) for c in range(3)])
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(H * W, 3))  # not mirror-symmetric
+    x = images.float() / 255  # mean 0, std 1: the loader only rescales
+    for test_flip in (False, True):
+        spec = DataSpec(num_classes=3, in_channels=1, image_size=H, mean=(0.0,), std=(1.0,), test_flip=test_flip)
+        factory = ModelFactory("mlp", {}, spec, torch.device("cpu"))
+        with torch.no_grad():
+            logits = model(x) if not test_flip else (model(x) + model(x.flip(-1))) / 2
+        expected = (logits.argmax(1) == labels).float().mean().item()
+        result = factory.evaluate(model, data)
+        assert result["samples"] == 40 and result["accuracy"] == pytest.approx(expected)
+        assert result["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)

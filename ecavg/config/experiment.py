@@ -27,6 +27,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 INITS = ("random", "pretrained", "warmup")
 PARTITIONS = ("iid", "ratio", "dirichlet", "shards")
 AUGMENTS = ("auto", "none", "flip", "crop", "crop+flip")
+TEST_AUGMENTS = ("none", "flip")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "onecycle", "cosine")
 
@@ -67,6 +68,9 @@ _BASE_DEFAULTS: dict[str, Any] = {
         "alpha": 0.5,
         "labels_per_edge": 2,
         "augment": "auto",
+        # Test-time augmentation: "flip" scores each test image as the mean of its and its mirror's logits
+        # (twice the evaluation compute); applies to every evaluation, edges' and server's.
+        "test_augment": "none",
         "train_fraction": 1.0,
         "download": False,
     },
@@ -121,6 +125,7 @@ _BASE_CHECKS: dict[str, Any] = {
         "alpha": number_in(0.0, 1e6, lo_open=True),
         "labels_per_edge": int_at_least(1),
         "augment": choice(AUGMENTS),
+        "test_augment": choice(TEST_AUGMENTS),
         "train_fraction": number_in(0.0, 1.0, lo_open=True),
         "download": boolean,
     },

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ecavg.core.records import EdgeEvaluation, EdgeReply, StateDict
-from ecavg.core.training import TrainingSettings, evaluate, recalibrate_batchnorm, train
+from ecavg.core.training import TrainingSettings, evaluate, predict, recalibrate_batchnorm, train
 from ecavg.data import ImageDataset, TensorLoader
 from ecavg.errors import ConfigError
 from ecavg.models import build_model, load_pretrained, uses_channels_last
@@ -65,6 +65,7 @@ class DataSpec:
     std: tuple[float, ...]
     crop_padding: int = 0
     flip: bool = False
+    test_flip: bool = False  # data.test_augment = "flip": every evaluation averages an image's and its mirror's logits
 
 
 @dataclass
@@ -100,6 +101,10 @@ class ModelFactory:
             drop_last=train and len(data) > batch_size, device=self.device,
             channels_last=self.channels_last, seed=seed,
         )
+
+    def evaluate(self, model: nn.Module, data: ImageDataset, *, desc: str = "evaluate") -> dict[str, Any]:
+        """``model``'s accuracy, loss and sample count on ``data``, with the task's test-time augmentation."""
+        return evaluate(model, self.loader(data, EVAL_BATCH_SIZE, train=False), desc=desc, flip=self.spec.test_flip)
 
 
 def load_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
@@ -147,11 +152,10 @@ class EdgeWorker:
         torch.manual_seed(derive_seed(self.seed, phase, self.name, "train"))
         loader = self.factory.loader(self.train_data, settings.batch_size, train=True,
                                      seed=derive_seed(self.seed, phase, self.name, "shuffle"))
-        test_loader = self.factory.loader(self.test_data, EVAL_BATCH_SIZE, train=False)
 
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
             if self.eval_each_epoch and epoch < settings.epochs:
-                metrics["test_accuracy"] = evaluate(model, test_loader)["accuracy"]
+                metrics["test_accuracy"] = self.factory.evaluate(model, self.test_data)["accuracy"]
 
         history = train(model, loader, settings, desc=f"{self.name} {phase}", on_epoch=on_epoch)
         return model, history
@@ -171,7 +175,7 @@ class EdgeWorker:
 
     def evaluate_model(self, model: nn.Module, data: ImageDataset) -> dict[str, Any]:
         """``model``'s accuracy, loss and sample count on ``data`` (one of this edge's datasets)."""
-        return evaluate(model, self.factory.loader(data, EVAL_BATCH_SIZE, train=False), desc=f"{self.name} evaluate")
+        return self.factory.evaluate(model, data, desc=f"{self.name} evaluate")
 
     def evaluate(self, weights: Mapping[str, torch.Tensor]) -> EdgeEvaluation:
         """Evaluate ``weights`` on the edge's test partition (the edge's final model, when the update keeps them)."""
@@ -203,9 +207,7 @@ class ServerWorker:
         return model
 
     def evaluate(self, weights: Mapping[str, torch.Tensor]) -> float:
-        model = self.new_model(weights)
-        return evaluate(model, self.factory.loader(self.test_data, EVAL_BATCH_SIZE, train=False),
-                        desc="server evaluate")["accuracy"]
+        return self.factory.evaluate(self.new_model(weights), self.test_data, desc="server evaluate")["accuracy"]
 
     def evaluate_ensemble(self, models: list[nn.Module]) -> float:
         """Accuracy on the full test set of the models' mean logits (e.g. the edges' ensemble)."""
@@ -214,7 +216,7 @@ class ServerWorker:
             for model in models:
                 model.eval()
             for x, y in self.factory.loader(self.test_data, EVAL_BATCH_SIZE, train=False):
-                logits = torch.stack([m(x) for m in models]).mean(0)
+                logits = torch.stack([predict(m, x, flip=self.factory.spec.test_flip) for m in models]).mean(0)
                 correct += int((logits.argmax(1) == y).sum())
                 seen += int(y.numel())
         return correct / max(seen, 1)
@@ -231,11 +233,10 @@ class ServerWorker:
         torch.manual_seed(derive_seed(self.seed, phase, "server", "train"))
         loader = self.factory.loader(data, settings.batch_size, train=True,
                                      seed=derive_seed(self.seed, phase, "server", "shuffle"))
-        test_loader = self.factory.loader(self.test_data, EVAL_BATCH_SIZE, train=False)
 
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
             if self.eval_each_epoch or epoch == epochs:
-                metrics["test_accuracy"] = evaluate(model, test_loader)["accuracy"]
+                metrics["test_accuracy"] = self.factory.evaluate(model, self.test_data)["accuracy"]
             if on_epoch_record is not None:
                 on_epoch_record(metrics)
 

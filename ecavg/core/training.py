@@ -156,15 +156,24 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, *, desc: str = "evaluate") -> dict[str, float]:
-    """Accuracy (fraction) and mean cross-entropy loss of ``model`` over ``loader``."""
+def predict(model: nn.Module, x: torch.Tensor, *, flip: bool = False) -> torch.Tensor:
+    """``model``'s logits for the batch ``x``; with ``flip``, the mean of the logits of ``x`` and of its horizontal
+    mirror (test-time augmentation: the model was trained on mirrored images too)."""
+    out = model(x)
+    if flip:
+        out = (out + model(x.flip(-1))) / 2
+    return out
+
+
+def evaluate(model: nn.Module, loader, *, desc: str = "evaluate", flip: bool = False) -> dict[str, float]:
+    """Accuracy (fraction) and mean cross-entropy loss of ``model`` over ``loader`` (``flip``: see ``predict``)."""
     model.eval()
     device = _device_of(model)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     seen = 0
     for x, y in _progress(loader, len(loader), desc):
-        out = model(x)
+        out = predict(model, x, flip=flip)
         loss_sum += nn.functional.cross_entropy(out.float(), y, reduction="sum")
         correct += (out.argmax(1) == y).sum()
         seen += y.numel()

@@ -216,9 +216,10 @@ def calibrate(cfg: Mapping[str, Any], participants: Participants, *, data_dir: s
     server = participants.server
     model = server.new_model()
     test_loader = server.factory.loader(server.test_data, EVAL_BATCH_SIZE, train=False)
-    evaluate(model, _FirstBatches(test_loader, 1))
+    flip = server.factory.spec.test_flip  # test-time flips evaluate each sample twice
+    evaluate(model, _FirstBatches(test_loader, 1), flip=flip)
     start = time.perf_counter()
-    seen = evaluate(model, _FirstBatches(test_loader, EVAL_BATCHES))["samples"]
+    seen = evaluate(model, _FirstBatches(test_loader, EVAL_BATCHES), flip=flip)["samples"]
     eval_s = (time.perf_counter() - start) / seen
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     start = time.perf_counter()

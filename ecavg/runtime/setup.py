@@ -115,6 +115,7 @@ def build_participants(cfg: dict[str, Any], splits: DatasetSplits, device: torch
     spec = DataSpec(
         num_classes=train.num_classes, in_channels=int(train.images.shape[1]), image_size=int(train.images.shape[-1]),
         mean=tuple(splits.mean), std=tuple(splits.std), crop_padding=padding, flip=flip,
+        test_flip=data_cfg["test_augment"] == "flip",
     )
     factory = ModelFactory(cfg["model"]["name"], model_options(cfg), spec, device, pretrained=cfg["pretrained"])
     update_mode = make_update_mode(cfg)

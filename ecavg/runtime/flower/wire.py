@@ -380,7 +380,8 @@ def image_shape_of(spec: DataSpec) -> tuple[int, int, int]:
 def spec_to_json(spec: DataSpec, classes: list[str]) -> str:
     return json.dumps({"num_classes": spec.num_classes, "in_channels": spec.in_channels,
                        "image_size": spec.image_size, "mean": list(spec.mean), "std": list(spec.std),
-                       "crop_padding": spec.crop_padding, "flip": spec.flip, "classes": list(classes)})
+                       "crop_padding": spec.crop_padding, "flip": spec.flip,
+                       "test_flip": spec.test_flip, "classes": list(classes)})
 
 
 def spec_from_json(text: str) -> tuple[DataSpec, list[str]]:
@@ -388,14 +389,14 @@ def spec_from_json(text: str) -> tuple[DataSpec, list[str]]:
     spec = DataSpec(num_classes=int(raw["num_classes"]), in_channels=int(raw["in_channels"]),
                     image_size=int(raw["image_size"]), mean=tuple(float(v) for v in raw["mean"]),
                     std=tuple(float(v) for v in raw["std"]), crop_padding=int(raw["crop_padding"]),
-                    flip=bool(raw["flip"]))
+                    flip=bool(raw["flip"]), test_flip=bool(raw["test_flip"]))
     return spec, [str(c) for c in raw["classes"]]
 
 
 def same_spec(a: DataSpec, b: DataSpec) -> bool:
     """Equal up to float rounding of the normalisation statistics (they travel as JSON)."""
-    return (a.num_classes, a.in_channels, a.image_size, a.crop_padding, a.flip) == \
-        (b.num_classes, b.in_channels, b.image_size, b.crop_padding, b.flip) and \
+    return (a.num_classes, a.in_channels, a.image_size, a.crop_padding, a.flip, a.test_flip) == \
+        (b.num_classes, b.in_channels, b.image_size, b.crop_padding, b.flip, b.test_flip) and \
         len(a.mean) == len(b.mean) and len(a.std) == len(b.std) and \
         all(math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-9) for x, y in zip((*a.mean, *a.std), (*b.mean, *b.std)))
 
