@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -48,7 +49,16 @@ def measure(task: str, strategy: str, data_dir: Path, out: Path, config_dir: Pat
                            "command": " ".join(["python", *command[1:]]), "target": target, "goal_seconds": goal_s}
     if done.returncode != 0:
         return {**row, "error": (done.stdout + done.stderr)[-2000:]}
-    return {**row, **judge(json.loads((out / "results.json").read_text()), seconds, target, goal_s)}
+    return {**row, **judge(json.loads((out / "results.json").read_text()), seconds, target, goal_s),
+            "server_samples_per_s": server_rate(out / "metrics.jsonl")}
+
+
+def server_rate(metrics: Path) -> float | None:
+    """The median training samples/s of the run's server epochs: the machine's speed on this task, so that wall
+    times measured on different machines can be compared (a 2-core AVX2 host trains 3.5x slower than an AVX-512 one)."""
+    rates = [record["samples_per_s"] for record in map(json.loads, metrics.read_text().splitlines())
+             if record.get("participant") == "server" and "samples_per_s" in record]
+    return statistics.median(rates) if rates else None
 
 
 def judge(results: dict[str, Any], seconds: float, target: float, goal_s: float) -> dict[str, Any]:

@@ -260,6 +260,7 @@ def test_time_to_accuracy_times_the_fast_config_and_its_centralized_baseline(tmp
         assert row["exit_code"] == 0, row.get("error")
         assert row["reached"] and row["within_goal"] and row["seconds_to_target"] == row["seconds"] > 0
         assert row["worst_edge_accuracy_after"] == min(row["edges_accuracy_after"])
+        assert row["server_samples_per_s"] > 0
         assert (tmp_path / "kept" / "cifar10_mobilenetv2" / "fast" / f"strategy={strategy}" / "results.json").exists()
     assert rows["centralized"]["timing_s"]["pretrain"] == 0
     summary = body["summary"]["cifar10_mobilenetv2"]
