@@ -811,3 +811,13 @@ def test_simulation_runtime_reproduces_embedded_run(tmp_path):
         assert _accuracies(simulated) == _accuracies(embedded)
     finally:
         _assert_all_stopped(out)
+
+
+def test_the_data_spec_carries_test_time_flips_to_the_edges():
+    """data.test_augment travels in the spec the server sends, so a deployed edge evaluates as the embedded one."""
+    flipped = DataSpec(num_classes=10, in_channels=3, image_size=32, mean=(0.5,) * 3, std=(0.25,) * 3,
+                       crop_padding=4, flip=True, test_flip=True)
+    spec, classes = wire.spec_from_json(wire.spec_to_json(flipped, [str(c) for c in range(10)]))
+    assert spec.test_flip and wire.same_spec(spec, flipped) and classes == [str(c) for c in range(10)]
+    plain = DataSpec(**{**flipped.__dict__, "test_flip": False})
+    assert not wire.same_spec(plain, flipped)
