@@ -76,19 +76,10 @@ class _FirstBatches:
         return itertools.islice(iter(self.loader), self.n)
 
 
-_last_setup: dict[tuple[str, str | None], Participants] = {}
-
-
 def setup(cfg: dict[str, Any], data_dir: str | None) -> Participants:
-    """The run's participants (partition, model factory, settings), with the config's threads and device.
-    The last ones are kept: a plan and the deployed runs it is fitted to (``--from``) mostly share one config,
-    and each build loads the dataset (seconds for CIFAR)."""
-    key = (json.dumps(cfg, sort_keys=True, default=str), data_dir)
-    if key not in _last_setup:
-        _last_setup.clear()
-        device, splits, _ = prepare_compute(cfg, data_dir)
-        _last_setup[key] = build_participants(cfg, splits, device)
-    return _last_setup[key]
+    """The run's participants (partition, model factory, settings), with the config's threads and device."""
+    device, splits, _ = prepare_compute(cfg, data_dir)
+    return build_participants(cfg, splits, device)
 
 
 def payloads(cfg: Mapping[str, Any], participants: Participants) -> Payloads:
