@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ecavg.core.records import EdgeEvaluation, EdgeReply, StateDict
-from ecavg.core.training import TrainingSettings, evaluate, predict, recalibrate_batchnorm, train
+from ecavg.core.training import TrainingSettings, eval_logits, evaluate, recalibrate_batchnorm, train
 from ecavg.data import ImageDataset, TensorLoader
 from ecavg.errors import ConfigError
 from ecavg.models import build_model, load_pretrained, uses_channels_last
@@ -216,7 +216,7 @@ class ServerWorker:
             for model in models:
                 model.eval()
             for x, y in self.factory.loader(self.test_data, EVAL_BATCH_SIZE, train=False):
-                logits = torch.stack([predict(m, x, flip=self.factory.spec.test_flip) for m in models]).mean(0)
+                logits = torch.stack([eval_logits(m, x, flip=self.factory.spec.test_flip) for m in models]).mean(0)
                 correct += int((logits.argmax(1) == y).sum())
                 seen += int(y.numel())
         return correct / max(seen, 1)

@@ -155,8 +155,7 @@ def _device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-@torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, *, flip: bool = False) -> torch.Tensor:
+def eval_logits(model: nn.Module, x: torch.Tensor, *, flip: bool = False) -> torch.Tensor:
     """``model``'s logits for the batch ``x``; with ``flip``, the mean of the logits of ``x`` and of its horizontal
     mirror (test-time augmentation: the model was trained on mirrored images too)."""
     out = model(x)
@@ -165,15 +164,16 @@ def predict(model: nn.Module, x: torch.Tensor, *, flip: bool = False) -> torch.T
     return out
 
 
+@torch.no_grad()
 def evaluate(model: nn.Module, loader, *, desc: str = "evaluate", flip: bool = False) -> dict[str, float]:
-    """Accuracy (fraction) and mean cross-entropy loss of ``model`` over ``loader`` (``flip``: see ``predict``)."""
+    """Accuracy (fraction) and mean cross-entropy loss of ``model`` over ``loader`` (``flip``: see ``eval_logits``)."""
     model.eval()
     device = _device_of(model)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     seen = 0
     for x, y in _progress(loader, len(loader), desc):
-        out = predict(model, x, flip=flip)
+        out = eval_logits(model, x, flip=flip)
         loss_sum += nn.functional.cross_entropy(out.float(), y, reduction="sum")
         correct += (out.argmax(1) == y).sum()
         seen += y.numel()
