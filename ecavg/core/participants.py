@@ -102,9 +102,13 @@ class ModelFactory:
             channels_last=self.channels_last, seed=seed,
         )
 
+    def eval_loader(self, data: ImageDataset) -> TensorLoader:
+        """``data`` in evaluation batches: in order, no augmentation (test-time flips are the evaluation's)."""
+        return self.loader(data, EVAL_BATCH_SIZE, train=False)
+
     def evaluate(self, model: nn.Module, data: ImageDataset, *, desc: str = "evaluate") -> dict[str, Any]:
         """``model``'s accuracy, loss and sample count on ``data``, with the task's test-time augmentation."""
-        return evaluate(model, self.loader(data, EVAL_BATCH_SIZE, train=False), desc=desc, flip=self.spec.test_flip)
+        return evaluate(model, self.eval_loader(data), desc=desc, flip=self.spec.test_flip)
 
 
 def load_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
@@ -215,7 +219,7 @@ class ServerWorker:
         with torch.no_grad():
             for model in models:
                 model.eval()
-            for x, y in self.factory.loader(self.test_data, EVAL_BATCH_SIZE, train=False):
+            for x, y in self.factory.eval_loader(self.test_data):
                 logits = torch.stack([eval_logits(m, x, flip=self.factory.spec.test_flip) for m in models]).mean(0)
                 correct += int((logits.argmax(1) == y).sum())
                 seen += int(y.numel())

@@ -35,7 +35,6 @@ import ecavg
 from ecavg.config import deploy_settings, resolve_config
 from ecavg.config.deploy import server_training_needs_edge_data
 from ecavg.core import average_state_dicts
-from ecavg.core.participants import EVAL_BATCH_SIZE
 from ecavg.core.training import TrainingSettings, evaluate, train
 from ecavg.core.transfer import Transfer
 from ecavg.data import load_dataset
@@ -215,7 +214,7 @@ def calibrate(cfg: Mapping[str, Any], participants: Participants, *, data_dir: s
     update_bs = cfg["update"]["batch_size"] or edge_settings.batch_size
     server = participants.server
     model = server.new_model()
-    test_loader = server.factory.loader(server.test_data, EVAL_BATCH_SIZE, train=False)
+    test_loader = server.factory.eval_loader(server.test_data)
     flip = server.factory.spec.test_flip  # test-time flips evaluate each sample twice
     evaluate(model, _FirstBatches(test_loader, 1), flip=flip)
     start = time.perf_counter()
