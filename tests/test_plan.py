@@ -182,10 +182,15 @@ def test_payloads_are_the_encoded_sizes(quickstart):
     weights = participants.server.new_model().state_dict()
     raw = sum(t.numel() * t.element_size() for t in weights.values())
     assert raw < fp32.whole < raw + 1000 and fp32.upload == fp32.whole and not fp32.delta
-    int8 = payloads({**cfg, "transfer": {"codec": "int8", "delta": True}}, participants)
+    int8 = payloads({**cfg, "transfer": {"codec": "int8", "delta": True, "deflate": False}}, participants)
     assert int8.delta and int8.whole < 0.3 * fp32.whole and int8.upload == int8.delta_down
     reference = dict(weights)
     assert int8.upload == len(Transfer("int8", True).encode(reference, base=reference))
+    # Deflated sizes depend on the values: every transfer is planned at the initial weights' deflated size (a delta
+    # of the weights from themselves is all zeros and would deflate to almost nothing).
+    deflated = payloads({**cfg, "transfer": {"codec": "int8", "delta": True, "deflate": True}}, participants)
+    assert deflated.whole == len(Transfer("int8", True, True).encode(reference)) < int8.whole
+    assert deflated.upload == deflated.delta_down == deflated.whole
 
 
 def test_data_upload_bytes_match_the_wire_format(quickstart):

@@ -72,6 +72,20 @@ def test_shared_and_non_contiguous_tensors_are_encoded():
     assert not torch.equal(decoded["head.weight"], decoded["embed.weight"])  # independent after decoding
 
 
+def test_the_same_weights_and_metadata_give_the_same_bytes():
+    """safetensors writes metadata in a hash map's order, which changes between processes; the header is rewritten
+    sorted (same length, so the tensors stay where they are), or a compressed payload's size would vary by run."""
+    state = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(2)}
+    metadata = {name: f"value of {name}" for name in ("f", "c", "a", "e", "b", "d")}
+    payload = encode_state_dict(state, metadata=metadata)
+    header = payload[8:8 + int.from_bytes(payload[:8], "little")].decode()
+    positions = [header.index(f'"{name}":"value') for name in sorted(metadata)]
+    assert positions == sorted(positions)
+    assert decode_metadata(payload) == metadata
+    decoded = decode_state_dict(payload, name="x")
+    assert all(torch.equal(decoded[k], state[k]) for k in state)
+
+
 def test_requires_grad_parameters_are_encoded():
     layer = torch.nn.Linear(3, 2)
     decoded = decode_state_dict(encode_state_dict(dict(layer.named_parameters())), name="params")

@@ -9,6 +9,7 @@ real ServerApp and ClientApp, no network) and, marked ``deploy``, with a real Su
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from ecavg.core.aggregation import WeightedAverage
 from ecavg.core.codecs import TRANSFER_CODECS, codec
 from ecavg.core.serialization import decode_metadata, encode_state_dict, load_state_dict
 from ecavg.core.transfer import EdgeLinks, Transfer
+from ecavg.errors import WeightsError
 from ecavg.experiment import run_experiment
 
 REPO = Path(__file__).resolve().parent.parent
@@ -64,19 +66,22 @@ def test_codecs_are_a_registry_the_config_validates(capsys):
 
     assert TRANSFER_CODECS in REGISTRIES and TRANSFER_CODECS.selector == "transfer.codec"
     assert TRANSFER_CODECS.names() == ("fp32", "fp16", "bf16", "int8")
-    assert resolve_config({})["transfer"] == {"codec": "fp32", "delta": False}
-    assert resolve_config({"transfer": {"codec": "int8", "delta": True}})["transfer"] == {"codec": "int8",
-                                                                                       "delta": True}
+    assert resolve_config({})["transfer"] == {"codec": "fp32", "delta": False, "deflate": False}
+    assert resolve_config({"transfer": {"codec": "int8", "delta": True}})["transfer"] == {
+        "codec": "int8", "delta": True, "deflate": False}
     with pytest.raises(ConfigError, match=r"config key 'transfer.codec' must be one of fp32, fp16, bf16, int8, got "
                                           r"'int4'"):
         resolve_config({"transfer": {"codec": "int4"}})
     with pytest.raises(ConfigError, match=r"config key 'transfer.delta' must be true or false"):
         resolve_config({"transfer": {"delta": "yes"}})
+    with pytest.raises(ConfigError, match=r"config key 'transfer.deflate' must be true or false"):
+        resolve_config({"transfer": {"deflate": 1}})
     with pytest.raises(ConfigError, match=r"unknown config key 'transfer.level'"):
         resolve_config({"transfer": {"level": 3}})
     assert main(["options"]) == 0
     listed = capsys.readouterr().out
     assert "transfer.codec (default 'fp32'):" in listed and "transfer.delta = False" in listed
+    assert "transfer.deflate = False" in listed
 
 
 @pytest.mark.parametrize("user, needle", [
@@ -156,6 +161,39 @@ def test_delta_round_trips_through_the_links():
     assert plain.download(final).base("edge-0") is None
 
 
+def test_deflate_is_lossless_and_shrinks_quantised_weights():
+    """transfer.deflate: the receiver decodes exactly what the codec alone gives, from fewer bytes."""
+    g = torch.Generator().manual_seed(0)
+    # Trained weights are roughly normal; the 1-D tensors here are BatchNorm-like constants.
+    weights = {"conv.weight": torch.randn(64, 32, 3, 3, generator=g), "conv.bias": torch.zeros(64),
+               "bn.weight": torch.ones(64), "bn.running_var": torch.ones(64)}
+    for name, delta in (("fp32", False), ("fp16", False), ("int8", False), ("int8", True)):
+        base = {k: v * 0.9 for k, v in weights.items()} if delta else None
+        plain, deflated = Transfer(name, delta), Transfer(name, delta, deflate=True)
+        small = deflated.encode(weights, base=base)
+        assert len(small) < len(plain.encode(weights, base=base)), name
+        got = deflated.decode(small, reference=weights, base=base, max_bytes=1 << 20, name="edge-0")
+        want = plain.decode(plain.encode(weights, base=base), reference=weights, base=base, name="edge-0")
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got), name
+    # fp32 with deflate is not the plain payload any more: it carries the codec's metadata inside the stream.
+    assert not Transfer(deflate=True).plain() and Transfer().plain()
+
+
+@pytest.mark.parametrize("tamper, needle", [
+    (lambda p: p[:-7], "zlib stream is truncated"),
+    (lambda p: p + b"extra", "5 bytes after the end of the zlib stream"),
+    (lambda p: b"PK\x03\x04" + p, "not a valid zlib stream"),
+    (lambda p: zlib.compress(bytes(4 << 20)), "inflates beyond the limit of 1048576 bytes"),  # a 4 MB bomb, 4 kB sent
+    (lambda p: p + bytes(2 << 20), "exceeds the limit of 1048576 bytes"),
+], ids=["truncated", "trailing", "not-zlib", "bomb", "too-large"])
+def test_a_bad_deflate_stream_is_refused_before_use(tamper, needle):
+    weights = mlp_state(0)
+    transfer = Transfer("int8", deflate=True)
+    with pytest.raises(WeightsError, match="weights from 'edge-1': ") as error:
+        transfer.decode(tamper(transfer.encode(weights)), reference=weights, max_bytes=1 << 20, name="edge-1")
+    assert needle in str(error.value)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Embedded: the default is today's run; each codec's bytes and accuracy cost
 # ---------------------------------------------------------------------------------------------------
@@ -165,7 +203,7 @@ def test_fp32_default_is_identical_to_a_run_without_the_section(tmp_path, fp32_r
     default, default_out = fp32_run
     explicit = run_experiment(config({"codec": "fp32", "delta": False}), output_dir=tmp_path / "explicit")
     assert deterministic(explicit) == deterministic(default)
-    assert default["transfer"] == {"codec": "fp32", "delta": False}
+    assert default["transfer"] == {"codec": "fp32", "delta": False, "deflate": False}
     same_files(default_out, tmp_path / "explicit", ("server.safetensors", "checkpoints/averaged.safetensors"))
     # The bytes are those of the plain safetensors payloads: two uploads, two pre-training downloads, two updates.
     weights = load_state_dict(default_out / "server.safetensors")
@@ -187,7 +225,7 @@ def test_each_codec_end_to_end_embedded(tmp_path, fp32_run, variant, monkeypatch
 
     monkeypatch.setattr(WeightedAverage, "add", capturing)
     results = run_experiment(config({"codec": name, "delta": delta}), output_dir=tmp_path / "run")
-    assert results["transfer"] == {"codec": name, "delta": delta}
+    assert results["transfer"] == {"codec": name, "delta": delta, "deflate": False}
     share = 0.25 if name == "int8" else 0.5
     for direction in ("uplink", "downlink"):
         ratio = results["bytes"][direction] / fp32["bytes"][direction]
@@ -207,6 +245,17 @@ def test_each_codec_end_to_end_embedded(tmp_path, fp32_run, variant, monkeypatch
         assert torch.allclose(levels, levels.round(), atol=1e-3) and not torch.equal(levels, torch.zeros_like(levels))
     elif variant == "fp16":
         assert torch.equal(uploaded.half().float(), uploaded)
+
+
+def test_deflate_changes_the_bytes_and_nothing_else(tmp_path):
+    """The same run with and without transfer.deflate: identical figures and weights, fewer bytes both ways."""
+    int8 = run_experiment(config({"codec": "int8"}), output_dir=tmp_path / "int8")
+    deflated = run_experiment(config({"codec": "int8", "deflate": True}), output_dir=tmp_path / "deflated")
+    assert deflated["transfer"] == {"codec": "int8", "delta": False, "deflate": True}
+    assert (deflated["edges"], deflated["server"]) == (int8["edges"], int8["server"])
+    same_files(tmp_path / "int8", tmp_path / "deflated", ("server.safetensors",))
+    for direction in ("uplink", "downlink"):
+        assert deflated["bytes"][direction] < int8["bytes"][direction], direction
 
 
 def test_fedavg_rounds_after_the_first_download_deltas(tmp_path, monkeypatch):
@@ -358,10 +407,11 @@ def _same_run(served: dict, served_out: Path, embedded: dict, embedded_out: Path
 
 
 @pytest.mark.parametrize("sections", [{}, {"strategy": "fedavg", "fedavg": {"rounds": 2}},
-                                      {"update": {"mode": "personal", "epochs": 0}}],
-                         ids=["ecavg", "fedavg", "ecavg-personal"])
+                                      {"update": {"mode": "personal", "epochs": 0}}, {"deflate": True}],
+                         ids=["ecavg", "fedavg", "ecavg-personal", "ecavg-deflate"])
 def test_flower_int8_delta_agrees_with_embedded_bit_for_bit(tmp_path, monkeypatch, task_identity, sections):
     """In process: the real ServerApp and ClientApp; the edges keep their last upload in context.state."""
+    deflate = sections.pop("deflate", False)
     from test_flower import _serve_in_process
 
     from ecavg.core.participants import EdgeWorker
@@ -381,7 +431,7 @@ def test_flower_int8_delta_agrees_with_embedded_bit_for_bit(tmp_path, monkeypatc
         monkeypatch.setattr(EdgeWorker, "fit", fit)
         monkeypatch.setattr(EdgeWorker, "update", update)
 
-    user = config({"codec": "int8", "delta": True}, **sections)
+    user = config({"codec": "int8", "delta": True, "deflate": deflate}, **sections)
     recording("served")
     served = _serve_in_process(tmp_path, user)
     recording("embedded")
@@ -411,6 +461,7 @@ def test_deployed_int8_delta_agrees_with_embedded(tmp_path):
     out = Path(deployed["output_dir"])
     try:
         _same_run(deployed, out, embedded, tmp_path / "embedded")
-        assert json.loads((out / "results.json").read_text())["transfer"] == {"codec": "int8", "delta": True}
+        assert json.loads((out / "results.json").read_text())["transfer"] == {"codec": "int8", "delta": True,
+                                                                               "deflate": False}
     finally:
         _assert_all_stopped(out)

@@ -84,6 +84,8 @@ def _channel_view(scale: Tensor, dims: int) -> Tensor:
 
 
 DELTA = Key(False, boolean, "send the difference from weights both sides already hold (not with fp32)")
+# Applied by ecavg.core.transfer around any codec's payload; declared here so that every codec lists it.
+DEFLATE = Key(False, boolean, "compress every weight payload with zlib after its codec (lossless)")
 
 
 class Codec(Option):
@@ -93,7 +95,7 @@ class Codec(Option):
 
     name: str = ""
     wire_dtype: torch.dtype = torch.float32
-    keys = {"transfer.delta": DELTA}
+    keys = {"transfer.delta": DELTA, "transfer.deflate": DEFLATE}
 
     def __init__(self, *, delta: bool = False) -> None:
         if not isinstance(delta, bool):
@@ -168,7 +170,7 @@ class Codec(Option):
         metadata = {
             _META_CODEC: self.name,
             _META_DELTA: "true" if self.delta else "false",
-            _META_ENCODINGS: json.dumps(encodings, separators=(",", ":")),
+            _META_ENCODINGS: json.dumps(encodings, separators=(",", ":"), sort_keys=True),
         }
         return encode_state_dict(wire, metadata=metadata)
 
@@ -305,7 +307,7 @@ class Fp32Codec(Codec):
     name = "fp32"
     summary = "float32, exact (the default; a run sends the same payloads as before [transfer] existed)"
     wire_dtype = torch.float32
-    keys = {}  # a float32 delta saves nothing: transfer.delta is refused with fp32
+    keys = {"transfer.deflate": DEFLATE}  # a float32 delta saves nothing: transfer.delta is refused with fp32
 
     def compress(self, key: str, value: Tensor) -> StateDict:
         return {key: value.contiguous()}

@@ -101,9 +101,24 @@ def encode_state_dict(state_dict: Mapping[str, Tensor], metadata: dict[str, str]
                 seen_storages.add(storage_ptr)
         prepared[key] = cpu_tensor
     try:
-        return _safetensors_save(prepared, metadata=checked_metadata)
+        data = _safetensors_save(prepared, metadata=checked_metadata)
     except (SafetensorError, ValueError, TypeError, RuntimeError) as error:
         raise WeightsError(f"cannot encode state dict as safetensors: {error}") from error
+    return _sorted_metadata(data) if checked_metadata and len(checked_metadata) > 1 else data
+
+
+def _sorted_metadata(data: bytes) -> bytes:
+    """``data`` with its header's metadata entries in sorted order: safetensors writes them in a hash map's order,
+    which changes from process to process, so the same weights would not give the same bytes (nor the same
+    compressed size with ``transfer.deflate``). Same header length, so the tensors' offsets are unchanged; a header
+    that would not re-serialize to the same length is left as it is."""
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) != len(data[8:8 + length].rstrip()):
+        return data
+    return data[:8] + text.ljust(length) + data[8 + length:]
 
 
 def _check_nesting(text: str, source: str) -> None:

@@ -127,7 +127,8 @@ def _bytes(n: int) -> str:
 def plan_table(plan: Mapping[str, Any]) -> str:
     """The plan as text: one row per phase (the slowest edge's figures), then the run's total."""
     c = plan["config"]
-    transfer = c["transfer"]["codec"] + ("+delta" if c["transfer"]["delta"] else "")
+    transfer = (c["transfer"]["codec"] + ("+delta" if c["transfer"]["delta"] else "")
+                + ("+deflate" if c["transfer"].get("deflate") else ""))
     links = sorted({format_rate(e["rate_bps"]) if e["rate_bps"] else "unlimited" for e in plan["edges"]})
     lines = [f"Plan: {c['strategy']} on {c['dataset']}, {c['model']}, {c['edges']} edges, transfer {transfer}, "
              f"links {', '.join(links)}; compute {plan['compute_source']}",

@@ -82,12 +82,15 @@ def setup(cfg: dict[str, Any], data_dir: str | None) -> Participants:
 
 
 def payloads(cfg: Mapping[str, Any], participants: Participants) -> Payloads:
-    """Encoded sizes of the run's weight transfers (a size depends only on shapes and dtypes, so the model's
-    initial weights, and themselves as a delta base, give the exact figure)."""
+    """Encoded sizes of the run's weight transfers. A codec's size depends only on shapes and dtypes, so the model's
+    initial weights, and themselves as a delta base, give the exact figure. With ``transfer.deflate`` it depends on
+    the values too: every transfer is planned at the initial weights' deflated size (a delta of the weights from
+    themselves, all zeros, would deflate to almost nothing; trained weights deflate better than initial ones,
+    measured in docs/findings.md, so the plan errs on the long side)."""
     transfer = Transfer.from_config(cfg)
     weights = {k: v.detach().cpu() for k, v in participants.server.new_model().state_dict().items()}
     whole = len(transfer.encode(weights))
-    delta = len(transfer.encode(weights, base=weights)) if transfer.delta else whole
+    delta = len(transfer.encode(weights, base=weights)) if transfer.delta and not transfer.deflate else whole
     return Payloads(whole=whole, upload=delta, delta_down=delta, delta=transfer.delta,
                     first_down=whole if cfg["shared_init"] else 0)
 
