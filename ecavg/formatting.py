@@ -1,9 +1,9 @@
-"""How accuracies are written in every table (results.md, sweep.md, the generated docs): one definition each."""
+"""How figures are written in every table (results.md, sweep.md, the generated docs): one definition each."""
 
 from __future__ import annotations
 
 import statistics
-from typing import Iterable
+from typing import Any, Iterable, Mapping
 
 
 def percent(fraction: float | None, unit: str = "") -> str:
@@ -31,3 +31,10 @@ def percent_spread(values: Iterable[float | None]) -> str:
         return percent(present[0] if present else None)
     mean, std = mean_std(present)  # type: ignore[misc]
     return f"{100 * mean:.2f} ± {100 * std:.2f}"
+
+
+def transfer_label(section: Mapping[str, Any]) -> str:
+    """The label of a ``transfer`` record (results.json, config.json; records from before ``deflate`` lack it):
+    ``int8``, ``int8+delta``, ``int8+delta+deflate``."""
+    return (section.get("codec", "fp32") + ("+delta" if section.get("delta") else "")
+            + ("+deflate" if section.get("deflate") else ""))

@@ -63,7 +63,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ecavg.core.strategies import STRATEGIES  # noqa: E402
-from ecavg.formatting import percent, percent_spread  # noqa: E402
+from ecavg.formatting import percent, percent_spread, transfer_label  # noqa: E402
 from ecavg.plan import measured_phases  # noqa: E402
 from ecavg.sweep import run_summary  # noqa: E402  (the same per-run figures as `ecavg sweep` tables)
 
@@ -328,8 +328,7 @@ def render_conditions(args: list[str]) -> str:
             measured = measured_phases(results)
             plan = plans[run]
             planned = {ph["phase"]: ph["total_s"] for ph in plan["phases"]} if plan else {}
-            transfer = results.get("transfer", {})
-            codec = transfer.get("codec", "fp32") + ("+delta" if transfer.get("delta") else "")
+            codec = transfer_label(results.get("transfer", {}))
             data = results.get("deploy", {}).get("data_bytes_up") or 0
             sent = (sum(results["bytes"].values()) - data) / max(1, len(results["edges"]))
             cells = [run.name, *_conditions_label(results), codec, f"{sent / 1e6:.2f} MB",

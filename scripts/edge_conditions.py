@@ -2,14 +2,15 @@
 
     sudo python scripts/edge_conditions.py --config configs/quickstart.toml --set threads=1 \
         --output results/edge_conditions/mnist_mlp [--data-dir D] [--rates 100mbit,10mbit,1mbit] \
-        [--codecs fp32,int8] [--straggler]
+        [--codecs fp32,int8,int8+deflate] [--straggler]
 
 1. `calibration/`, `calibration-2/`: `ecavg deploy local` twice with no shaping. `ecavg plan --from` reads the
    compute rates from them and fits Flower's per-message overhead to them (the median of the two: one run's
    exchanges vary by a few seconds with Flower's polling), so the plans below use nothing measured on another
    machine or day.
 2. For each codec and rate, `codec=C,link=R/`: `plan.json` (`ecavg plan --from calibration --link all=R --set
-   transfer.codec=C --json`, from both calibration runs), then `ecavg deploy local --link all=R --set transfer.codec=C`.
+   transfer.codec=C --json`, from both calibration runs), then `ecavg deploy local --link all=R --set transfer.codec=C`
+   (a codec named like `int8+deflate` or `int8+delta` also sets `transfer.deflate` or `transfer.delta`).
 3. With `--straggler`, `straggler,codec=C/` for the last codec: every link at the second rate, edge-1 at the
    slowest rate and half a core (`--edge-cpu edge-1=0.5`, hence `threads = 1`).
 
@@ -66,6 +67,15 @@ def deploy(run: Path, common: list[str], conditions: list[str], timeout_s: float
     prune(run)
 
 
+def transfer_settings(label: str) -> list[str]:
+    """``--set`` options for a transfer label as the docs write it: ``int8``, ``int8+delta``, ``int8+deflate``."""
+    codec, *flags = label.split("+")
+    unknown = sorted(set(flags) - {"delta", "deflate"})
+    if unknown:
+        raise SystemExit(f"--codecs: {label!r} has unknown flag(s) {', '.join(unknown)} (known: delta, deflate)")
+    return [f"--set=transfer.codec={codec}", *(f"--set=transfer.{flag}=true" for flag in flags)]
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True)
@@ -84,6 +94,8 @@ def main(argv: list[str]) -> int:
     if args.data_dir:
         common += ["--data-dir", args.data_dir]
     rates, codecs = args.rates.split(","), args.codecs.split(",")
+    for codec in codecs:
+        transfer_settings(codec)  # a bad label fails before the first deployment
     args.output.mkdir(parents=True, exist_ok=True)
     calibrations = [args.output / "calibration", args.output / "calibration-2"]
     for calibration in calibrations:
@@ -100,12 +112,12 @@ def main(argv: list[str]) -> int:
         if finished and not args.replan:
             print(f"{run}: finished, kept")
             continue
-        plan = ecavg(["plan", *common, f"--set=transfer.codec={codec}", *(f"--from={c}" for c in calibrations),
+        plan = ecavg(["plan", *common, *transfer_settings(codec), *(f"--from={c}" for c in calibrations),
                       *conditions, "--json"], capture_output=True, text=True)
         if plan.returncode != 0:
             raise SystemExit(f"{run}: ecavg plan failed: {plan.stderr.strip().splitlines()[-1:]}")
         if not finished:
-            deploy(run, [*common, f"--set=transfer.codec={codec}"], conditions, args.timeout)
+            deploy(run, [*common, *transfer_settings(codec)], conditions, args.timeout)
         (run / "plan.json").write_text(plan.stdout)
     return 0
 

@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 
 from ecavg.deploy.rates import format_rate
 from ecavg.errors import ConfigError
+from ecavg.formatting import transfer_label
 from ecavg.plan.model import (
     FLOWER_ROUTING_S,
     MESSAGE_OVERHEAD_S,
@@ -127,8 +128,7 @@ def _bytes(n: int) -> str:
 def plan_table(plan: Mapping[str, Any]) -> str:
     """The plan as text: one row per phase (the slowest edge's figures), then the run's total."""
     c = plan["config"]
-    transfer = (c["transfer"]["codec"] + ("+delta" if c["transfer"]["delta"] else "")
-                + ("+deflate" if c["transfer"].get("deflate") else ""))
+    transfer = transfer_label(c["transfer"])
     links = sorted({format_rate(e["rate_bps"]) if e["rate_bps"] else "unlimited" for e in plan["edges"]})
     lines = [f"Plan: {c['strategy']} on {c['dataset']}, {c['model']}, {c['edges']} edges, transfer {transfer}, "
              f"links {', '.join(links)}; compute {plan['compute_source']}",
