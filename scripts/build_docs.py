@@ -47,6 +47,8 @@ Directives (paths are relative to the repository root):
     A deployed run's measured round (the phases of its plan) in seconds; A's round over B's.
 ``{{pp RUN_A FIELD_A RUN_B FIELD_B}}`` (inline)
     A minus B in percentage points, signed.
+``{{bytes RUN_A RUN_B}}`` (inline)
+    The weights A sent (both ways, results.json ``bytes``) as a share of B's, in %.
 """
 
 from __future__ import annotations
@@ -330,7 +332,7 @@ def render_conditions(args: list[str]) -> str:
             planned = {ph["phase"]: ph["total_s"] for ph in plan["phases"]} if plan else {}
             codec = transfer_label(results.get("transfer", {}))
             data = results.get("deploy", {}).get("data_bytes_up") or 0
-            sent = (sum(results["bytes"].values()) - data) / max(1, len(results["edges"]))
+            sent = weight_bytes(run) / max(1, len(results["edges"]))
             cells = [run.name, *_conditions_label(results), codec, f"{sent / 1e6:.2f} MB",
                      f"{data / max(1, len(results['edges'])) / 1e6:.2f} MB"]
             for phase in phases:
@@ -497,6 +499,12 @@ def median_epoch_seconds(run: Path, phase: str) -> float:
     return statistics.median(seconds)
 
 
+def weight_bytes(run: Path) -> int:
+    """The weights a run sent, both ways (results.json ``bytes``, less a deployment's data upload)."""
+    results = load_results(run)
+    return sum(results["bytes"].values()) - (results.get("deploy", {}).get("data_bytes_up") or 0)
+
+
 def render_inline(match: re.Match) -> str:
     verb, *args = match.group(1).split()
     if verb == "acc" and len(args) == 2:
@@ -509,6 +517,8 @@ def render_inline(match: re.Match) -> str:
         return f"{measured_round(REPO_ROOT / args[0]):.0f} s"
     if verb == "speedup" and len(args) == 2:
         return f"{measured_round(REPO_ROOT / args[0]) / measured_round(REPO_ROOT / args[1]):.2f}x"
+    if verb == "bytes" and len(args) == 2:
+        return f"{100 * weight_bytes(REPO_ROOT / args[0]) / weight_bytes(REPO_ROOT / args[1]):.1f}%"
     if verb == "time" and len(args) == 1:
         return duration(run_summary(load_results(REPO_ROOT / args[0]))["total_s"])
     raise DocError(f"bad inline directive {{{{{match.group(1)}}}}}")
