@@ -85,8 +85,8 @@ def payloads(cfg: Mapping[str, Any], participants: Participants) -> Payloads:
     """Encoded sizes of the run's weight transfers. A codec's size depends only on shapes and dtypes, so the model's
     initial weights, and themselves as a delta base, give the exact figure. With ``transfer.deflate`` it depends on
     the values too: every transfer is planned at the initial weights' deflated size (a delta of the weights from
-    themselves, all zeros, would deflate to almost nothing; trained weights deflate better than initial ones,
-    measured in docs/findings.md, so the plan errs on the long side)."""
+    themselves, all zeros, would deflate to almost nothing). Trained weights can deflate less well: MobileNetV2's
+    int8 payload is 23.4% of fp32's initialised and 26.2% trained (bench/README.md, docs/findings.md)."""
     transfer = Transfer.from_config(cfg)
     weights = {k: v.detach().cpu() for k, v in participants.server.new_model().state_dict().items()}
     whole = len(transfer.encode(weights))
