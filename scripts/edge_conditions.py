@@ -2,7 +2,7 @@
 
     sudo python scripts/edge_conditions.py --config configs/quickstart.toml --set threads=1 \
         --output results/edge_conditions/mnist_mlp [--data-dir D] [--rates 100mbit,10mbit,1mbit] \
-        [--codecs fp32,int8,int8+deflate] [--straggler]
+        [--codecs fp32,int8,int8+deflate] [--straggler] [--warm-clientapps]
 
 1. `calibration/`, `calibration-2/`: `ecavg deploy local` twice with no shaping. `ecavg plan --from` reads the
    compute rates from them and fits Flower's per-message overhead to them (the median of the two: one run's
@@ -85,6 +85,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--rates", default="100mbit,10mbit,1mbit")
     parser.add_argument("--codecs", default="fp32,int8")
     parser.add_argument("--straggler", action="store_true")
+    parser.add_argument("--warm-clientapps", action="store_true",
+                        help="every deployment (the calibration runs too) with one long-lived ClientApp per SuperNode")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per deployed run")
     parser.add_argument("--replan", action="store_true",
                         help="also rewrite the plan.json of finished runs (from the calibration runs only, as before "
@@ -93,13 +95,15 @@ def main(argv: list[str]) -> int:
     common = ["--config", args.config, *(f"--set={o}" for o in args.overrides)]
     if args.data_dir:
         common += ["--data-dir", args.data_dir]
+    # `ecavg plan --from` reads the calibration runs' overhead, so warm runs are planned from warm calibrations.
+    warm = ["--warm-clientapps"] if args.warm_clientapps else []
     rates, codecs = args.rates.split(","), args.codecs.split(",")
     for codec in codecs:
         transfer_settings(codec)  # a bad label fails before the first deployment
     args.output.mkdir(parents=True, exist_ok=True)
     calibrations = [args.output / "calibration", args.output / "calibration-2"]
     for calibration in calibrations:
-        deploy(calibration, common, [], args.timeout)
+        deploy(calibration, common, warm, args.timeout)
 
     runs: list[tuple[str, list[str], str]] = [(f"codec={c},link={r}", [f"--link=all={r}"], c)
                                               for c in codecs for r in rates]
@@ -117,7 +121,7 @@ def main(argv: list[str]) -> int:
         if plan.returncode != 0:
             raise SystemExit(f"{run}: ecavg plan failed: {plan.stderr.strip().splitlines()[-1:]}")
         if not finished:
-            deploy(run, [*common, *transfer_settings(codec)], conditions, args.timeout)
+            deploy(run, [*common, *transfer_settings(codec)], [*conditions, *warm], args.timeout)
         (run / "plan.json").write_text(plan.stdout)
     return 0
 
