@@ -202,6 +202,9 @@ def test_data_upload_bytes_match_the_wire_format(quickstart):
     assert len(sizes) == 2 and 0 < sum(sizes) - 4000 * (784 + 16) < 1000
     half = data_upload_bytes({**cfg, "server_data_fraction": 0.5}, participants)
     assert sum(half) == pytest.approx(sum(sizes) / 2, rel=0.01)
+    # transfer.deflate deflates the upload too (digits are mostly background): planned at the exact deflated size.
+    deflated = data_upload_bytes({**cfg, "transfer": {**cfg["transfer"], "deflate": True}}, participants)
+    assert sum(deflated) < 0.5 * sum(sizes)
 
 
 def fake_run(tmp_path: Path, cfg: dict, *, edge_rate: float = 4000.0, aggregate_s: float = 0.1) -> Path:

@@ -184,12 +184,12 @@ def test_deflate_is_lossless_and_shrinks_quantised_weights():
     (lambda p: p + b"extra", "5 bytes after the end of the zlib stream"),
     (lambda p: b"PK\x03\x04" + p, "not a valid zlib stream"),
     (lambda p: zlib.compress(bytes(4 << 20)), "inflates beyond the limit of 1048576 bytes"),  # a 4 MB bomb, 4 kB sent
-    (lambda p: p + bytes(2 << 20), "exceeds the limit of 1048576 bytes"),
+    (lambda p: p + bytes(2 << 20), "bytes exceeds the limit of 1048576 bytes"),
 ], ids=["truncated", "trailing", "not-zlib", "bomb", "too-large"])
 def test_a_bad_deflate_stream_is_refused_before_use(tamper, needle):
     weights = mlp_state(0)
     transfer = Transfer("int8", deflate=True)
-    with pytest.raises(WeightsError, match="weights from 'edge-1': ") as error:
+    with pytest.raises(WeightsError, match="payload from 'edge-1': ") as error:
         transfer.decode(tamper(transfer.encode(weights)), reference=weights, max_bytes=1 << 20, name="edge-1")
     assert needle in str(error.value)
 
@@ -245,6 +245,34 @@ def test_each_codec_end_to_end_embedded(tmp_path, fp32_run, variant, monkeypatch
         assert torch.allclose(levels, levels.round(), atol=1e-3) and not torch.equal(levels, torch.zeros_like(levels))
     elif variant == "fp16":
         assert torch.equal(uploaded.half().float(), uploaded)
+
+
+def test_the_training_data_upload_is_deflated_and_checked():
+    pytest.importorskip("flwr")
+    from flwr.app import RecordDict
+
+    from ecavg.data import ImageDataset
+    from ecavg.runtime.flower import wire
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.zeros(50, 1, 28, 28, dtype=torch.uint8)
+    images[:, :, 10:18, 10:18] = torch.randint(0, 255, (50, 1, 8, 8), generator=g, dtype=torch.uint8)
+    data = ImageDataset(images, torch.arange(50) % 10, [str(c) for c in range(10)])
+    transfer = Transfer(deflate=True)
+    payload = wire.encode_train_data(data, None, transfer)
+    assert len(payload) < 0.5 * len(wire.encode_train_data(data, None))
+
+    def decode(raw: bytes, limit: int = 1 << 20):
+        content = RecordDict({wire.TRAIN_DATA: wire.payload_record(raw)})
+        return wire.decode_train_data(content, source="edge-0", image_shape=(1, 28, 28), num_classes=10,
+                                      max_bytes=limit, transfer=transfer)
+
+    got, size = decode(payload)
+    assert size == len(payload) and torch.equal(got.images, images) and torch.equal(got.labels, data.labels)
+    with pytest.raises(wire.EdgeReplyError, match="payload from 'edge-0': inflates beyond the limit"):
+        decode(zlib.compress(bytes(4 << 20)))
+    with pytest.raises(wire.EdgeReplyError, match="payload from 'edge-0': not a valid zlib stream"):
+        decode(wire.encode_train_data(data, None))  # sent without deflate to a run that deflates
 
 
 def test_deflate_changes_the_bytes_and_nothing_else(tmp_path):
@@ -441,6 +469,9 @@ def test_flower_int8_delta_agrees_with_embedded_bit_for_bit(tmp_path, monkeypatc
     assert [(n, p) for n, p, _ in received["served"]] == [(n, p) for n, p, _ in received["embedded"]]
     for (name, phase, a), (_, _, b) in zip(received["served"], received["embedded"]):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (name, phase)
+    if deflate:  # the training-data upload is deflated too: MNIST digits are mostly background
+        pixels = sum(e["train_samples"] for e in served["edges"]) * 28 * 28
+        assert 0 < served["deploy"]["data_bytes_up"] < 0.5 * pixels
     final = load_state_dict(tmp_path / "embedded" / "server.safetensors")
     update = dict((n, w) for n, p, w in received["embedded"] if p == "update")
     assert not torch.equal(update["edge-0"]["hidden.weight"], final["hidden.weight"])  # int8 lost something

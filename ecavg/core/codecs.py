@@ -85,7 +85,8 @@ def _channel_view(scale: Tensor, dims: int) -> Tensor:
 
 DELTA = Key(False, boolean, "send the difference from weights both sides already hold (not with fp32)")
 # Applied by ecavg.core.transfer around any codec's payload; declared here so that every codec lists it.
-DEFLATE = Key(False, boolean, "compress every weight payload with zlib after its codec (lossless)")
+DEFLATE = Key(False, boolean, "compress every payload with zlib (lossless): weights after the codec, and the "
+                              "edges' training-data upload")
 
 
 class Codec(Option):

@@ -15,15 +15,16 @@ Both runtimes apply exactly this (the embedded runtime encodes and decodes every
 loses what a deployment loses and counts the real bytes). ``fp32`` without a base sends the plain safetensors
 payload of earlier versions (no codec metadata), so the default reproduces earlier results and byte counts exactly.
 
-With ``transfer.deflate`` every weight payload is additionally compressed with zlib (DEFLATE, lossless) after its
-codec: what it gains depends on the weights (measured in docs/findings.md, "Real edge conditions"), it loses
-nothing, and the receiver inflates it with the size limit applied to the inflated bytes too (a small payload cannot
-inflate into an unbounded one).
+With ``transfer.deflate`` every payload is additionally compressed with zlib (DEFLATE, lossless): each weight
+payload after its codec, and the edges' training-data upload (``deploy.share_data = "full"``). What it gains
+depends on the bytes (measured in docs/findings.md, "Real edge conditions"), it loses nothing, and the receiver
+inflates it with the size limit applied to the inflated bytes too (a small payload cannot inflate into an unbounded
+one).
 
 Refused by ``check_transfer_config``: delta with ``fp32`` (a float32 difference is as large as the weights), delta
 with ``shared_init = false`` (each edge starts from its own init, so its pre-training upload has no base) and delta
-with a strategy whose edges never upload (the final model would have none). Not compressed: the edges' training
-data (``deploy.share_data``) and an edge's own weights kept for the update modes; they are not weights in transit.
+with a strategy whose edges never upload (the final model would have none). Not compressed by a codec: the edges'
+training data (deflated only) and an edge's own weights kept for the update modes (not weights in transit).
 """
 
 from __future__ import annotations
@@ -75,10 +76,18 @@ class Transfer:
     def encode(self, weights: Mapping[str, Tensor], *, base: Mapping[str, Tensor] | None = None) -> bytes:
         if self.plain(base):
             return encode_state_dict(weights)
-        payload = self.codec_for(base).encode(weights, base=base)
-        # Level 1: on these payloads within 0.3% of level 6's size, and faster (measured on ResNet50 and
+        return self.pack(self.codec_for(base).encode(weights, base=base))
+
+    def pack(self, payload: bytes) -> bytes:
+        """``payload`` as it crosses the wire: deflated with ``transfer.deflate``, else as it is."""
+        # Level 1: on weight payloads within 0.3% of level 6's size, and faster (measured on ResNet50 and
         # MobileNetV2 weights).
         return zlib.compress(payload, 1) if self.deflate else payload
+
+    def unpack(self, payload: bytes | bytearray | memoryview, *, max_bytes: int | None,
+               name: str) -> bytes | bytearray | memoryview:
+        """The bytes :meth:`pack` was given, from what crossed the wire (checked: see :func:`inflate`)."""
+        return inflate(payload, max_bytes=max_bytes, name=name) if self.deflate else payload
 
     def decode(self, payload: bytes | bytearray | memoryview, *, reference: Mapping[str, Tensor] | None,
                base: Mapping[str, Tensor] | None = None, max_bytes: int | None = None, name: str) -> StateDict:
@@ -89,8 +98,7 @@ class Transfer:
         if reference is None:
             raise WeightsError(f"weights from {name!r}: a {self.codec_for(base).label} payload needs the expected "
                                "state dict to decode against")
-        if self.deflate:
-            payload = inflate(payload, max_bytes=max_bytes, name=name)
+        payload = self.unpack(payload, max_bytes=max_bytes, name=name)
         return self.codec_for(base).decode(payload, reference=reference, base=base, max_bytes=max_bytes, name=name)
 
     def upload_base(self, received: StateDict | None) -> StateDict | None:
@@ -99,25 +107,26 @@ class Transfer:
 
 
 def inflate(payload: bytes | bytearray | memoryview, *, max_bytes: int | None, name: str) -> bytes:
-    """The bytes of a ``transfer.deflate`` payload: one complete zlib stream, nothing after it, inflating to at
-    most ``max_bytes`` (checked while inflating, so a crafted stream cannot exhaust memory first)."""
+    """The bytes of a ``transfer.deflate`` payload (weights or training data): one complete zlib stream, nothing
+    after it, inflating to at most ``max_bytes`` (checked while inflating, so a crafted stream cannot exhaust memory
+    first)."""
     if not isinstance(payload, (bytes, bytearray, memoryview)):
-        raise WeightsError(f"weights from {name!r}: expected bytes, got {type(payload).__name__}")
+        raise WeightsError(f"payload from {name!r}: expected bytes, got {type(payload).__name__}")
     if max_bytes is not None and len(payload) > max_bytes:
-        raise WeightsError(f"weights from {name!r}: payload of {len(payload)} bytes exceeds the limit of "
+        raise WeightsError(f"payload from {name!r}: {len(payload)} bytes exceeds the limit of "
                            f"{max_bytes} bytes")
     stream = zlib.decompressobj()
     try:
         out = stream.decompress(payload, 0 if max_bytes is None else max_bytes + 1)
     except zlib.error as exc:
-        raise WeightsError(f"weights from {name!r}: not a valid zlib stream (transfer.deflate = true): "
+        raise WeightsError(f"payload from {name!r}: not a valid zlib stream (transfer.deflate = true): "
                            f"{exc}") from None
     if max_bytes is not None and (len(out) > max_bytes or stream.unconsumed_tail):
-        raise WeightsError(f"weights from {name!r}: payload inflates beyond the limit of {max_bytes} bytes")
+        raise WeightsError(f"payload from {name!r}: inflates beyond the limit of {max_bytes} bytes")
     if not stream.eof:
-        raise WeightsError(f"weights from {name!r}: zlib stream is truncated (transfer.deflate = true)")
+        raise WeightsError(f"payload from {name!r}: zlib stream is truncated (transfer.deflate = true)")
     if stream.unused_data:
-        raise WeightsError(f"weights from {name!r}: {len(stream.unused_data)} bytes after the end of the zlib stream")
+        raise WeightsError(f"payload from {name!r}: {len(stream.unused_data)} bytes after the end of the zlib stream")
     return out
 
 

@@ -96,13 +96,15 @@ def payloads(cfg: Mapping[str, Any], participants: Participants) -> Payloads:
 
 
 def data_upload_bytes(cfg: Mapping[str, Any], participants: Participants) -> list[int]:
-    """Per edge: the size of the training data it uploads (``share_data = "full"``), exactly as encoded."""
+    """Per edge: the size of the training data it uploads (``share_data = "full"``), exactly as encoded (and
+    deflated, with ``transfer.deflate``)."""
     from ecavg.runtime.flower.wire import encode_train_data  # imports Flower: only when data is uploaded
 
+    transfer = Transfer.from_config(cfg)
     sizes = []
     for edge, positions in zip(participants.edges, participants.positions):
         share = server_share(edge.train_data, cfg["server_data_fraction"], cfg["seed"], edge.name)
-        sizes.append(len(encode_train_data(edge.train_data.subset(share), positions[share])))
+        sizes.append(len(encode_train_data(edge.train_data.subset(share), positions[share], transfer)))
     return sizes
 
 

@@ -197,7 +197,7 @@ def _data_record(edge: LocalEdge) -> Any:
     """The samples this edge gives the server: its ``server_data_fraction`` share (all of them by default)."""
     share = edge.server_share
     index = edge.index[share] if edge.index is not None else None
-    return wire.payload_record(wire.encode_train_data(edge.worker.train_data.subset(share), index))
+    return wire.payload_record(wire.encode_train_data(edge.worker.train_data.subset(share), index, edge.transfer))
 
 
 @client_app.query("hello")

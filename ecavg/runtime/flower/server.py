@@ -373,7 +373,8 @@ class FlowerEdgePool(EdgePool):
         for name, reply in self._exchange(wanted, wire.DATA, "data"):
             try:
                 data, size = wire.parse_data_reply(reply, source=name, node_id=self.nodes[name], spec=self._spec,
-                                                   max_bytes=self.settings.max_message_bytes)
+                                                   max_bytes=self.settings.max_message_bytes,
+                                                   transfer=self._links.transfer)
             except wire.EdgeReplyError as error:
                 self._drop(name, "data", f"{error.kind}: {error}")
                 continue

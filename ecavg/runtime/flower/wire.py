@@ -158,11 +158,12 @@ def decode_weights(content: RecordDict, *, source: str, reference: Mapping[str, 
     return weights, len(payload)
 
 
-def encode_train_data(data: ImageDataset, index: torch.Tensor | None) -> bytes:
+def encode_train_data(data: ImageDataset, index: torch.Tensor | None, transfer: Transfer | None = None) -> bytes:
+    """An edge's training-data upload: safetensors of images, labels (and index), deflated with transfer.deflate."""
     tensors = {"images": data.images.contiguous(), "labels": data.labels.contiguous()}
     if index is not None:
         tensors["index"] = index.to(torch.int64).contiguous()
-    return encode_state_dict(tensors)
+    return (transfer or Transfer()).pack(encode_state_dict(tensors))
 
 
 @dataclass
@@ -176,11 +177,13 @@ class TrainData:
 
 
 def decode_train_data(content: RecordDict, *, source: str, image_shape: tuple[int, int, int], num_classes: int,
-                      max_bytes: int | None) -> tuple[TrainData, int]:
-    """An edge's uploaded training set, checked: uint8 images of the run's shape, labels in range."""
+                      max_bytes: int | None, transfer: Transfer | None = None) -> tuple[TrainData, int]:
+    """An edge's uploaded training set, checked: uint8 images of the run's shape, labels in range. The size
+    returned is what crossed the wire (deflated with transfer.deflate)."""
     payload = payload_bytes(content, TRAIN_DATA, source=source, max_bytes=max_bytes)
     try:
-        tensors = decode_state_dict(payload, name=source, max_bytes=max_bytes)
+        unpacked = (transfer or Transfer()).unpack(payload, max_bytes=max_bytes, name=source)
+        tensors = decode_state_dict(unpacked, name=source, max_bytes=max_bytes)
     except WeightsError as error:
         raise EdgeReplyError(str(error)) from None
     keys = set(tensors)
@@ -296,7 +299,7 @@ def parse_fit_reply(reply: Message, *, source: str, node_id: int, reference: Map
     if spec is None:
         return parsed, None, 0
     data, data_size = decode_train_data(content, source=source, image_shape=image_shape_of(spec),
-                                        num_classes=spec.num_classes, max_bytes=max_bytes)
+                                        num_classes=spec.num_classes, max_bytes=max_bytes, transfer=transfer)
     if len(data) > num_samples:  # the edge uploads its server_data_fraction share of them
         raise EdgeReplyError(f"{source}: reports {num_samples} training samples but uploaded {len(data)}")
     return parsed, data, data_size
@@ -304,10 +307,10 @@ def parse_fit_reply(reply: Message, *, source: str, node_id: int, reference: Map
 
 @_reply_parser
 def parse_data_reply(reply: Message, *, source: str, node_id: int, spec: DataSpec,
-                     max_bytes: int | None) -> tuple[TrainData, int]:
+                     max_bytes: int | None, transfer: Transfer | None = None) -> tuple[TrainData, int]:
     check_reply_envelope(reply, source=source, node_id=node_id)
     return decode_train_data(reply.content, source=source, image_shape=image_shape_of(spec),
-                             num_classes=spec.num_classes, max_bytes=max_bytes)
+                             num_classes=spec.num_classes, max_bytes=max_bytes, transfer=transfer)
 
 
 @_reply_parser
