@@ -47,8 +47,9 @@ Directives (paths are relative to the repository root):
     A deployed run's measured round (the phases of its plan) in seconds; A's round over B's.
 ``{{pp RUN_A FIELD_A RUN_B FIELD_B}}`` (inline)
     A minus B in percentage points, signed.
-``{{bytes RUN_A RUN_B}}`` (inline)
-    The weights A sent (both ways, results.json ``bytes``) as a share of B's, in %.
+``{{bytes RUN_A RUN_B}}``, ``{{bytes_data RUN_A RUN_B}}`` (inline)
+    The weights A sent (both ways, results.json ``bytes``), or the training data its edges uploaded (a deployed
+    run's ``deploy.data_bytes_up``), as a share of B's, in %.
 """
 
 from __future__ import annotations
@@ -499,6 +500,14 @@ def median_epoch_seconds(run: Path, phase: str) -> float:
     return statistics.median(seconds)
 
 
+def data_bytes(run: Path) -> int:
+    """The training data a deployed run's edges uploaded (results.json ``deploy.data_bytes_up``)."""
+    sent = load_results(run).get("deploy", {}).get("data_bytes_up")
+    if not sent:
+        raise DocError(f"{rel(run)} uploaded no training data")
+    return sent
+
+
 def weight_bytes(run: Path) -> int:
     """The weights a run sent, both ways (results.json ``bytes``, less a deployment's data upload)."""
     results = load_results(run)
@@ -519,6 +528,8 @@ def render_inline(match: re.Match) -> str:
         return f"{measured_round(REPO_ROOT / args[0]) / measured_round(REPO_ROOT / args[1]):.2f}x"
     if verb == "bytes" and len(args) == 2:
         return f"{100 * weight_bytes(REPO_ROOT / args[0]) / weight_bytes(REPO_ROOT / args[1]):.1f}%"
+    if verb == "bytes_data" and len(args) == 2:
+        return f"{100 * data_bytes(REPO_ROOT / args[0]) / data_bytes(REPO_ROOT / args[1]):.1f}%"
     if verb == "time" and len(args) == 1:
         return duration(run_summary(load_results(REPO_ROOT / args[0]))["total_s"])
     raise DocError(f"bad inline directive {{{{{match.group(1)}}}}}")
