@@ -316,3 +316,17 @@ def test_two_edges_behind_shaped_links_reproduce_the_embedded_run_and_leave_noth
     assert results["missing_edges"] == {}
     run_experiment(resolve_config(user), output_dir=tmp_path / "embedded")
     assert _sha256(out / "server.safetensors") == _sha256(tmp_path / "embedded" / "server.safetensors")
+
+
+def test_edge_conditions_script_turns_codec_labels_into_settings():
+    """scripts/edge_conditions.py --codecs takes the labels the docs' tables print (int8+delta+deflate)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("edge_conditions", REPO / "scripts" / "edge_conditions.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.transfer_settings("fp32") == ["--set=transfer.codec=fp32"]
+    assert script.transfer_settings("int8+delta+deflate") == [
+        "--set=transfer.codec=int8", "--set=transfer.delta=true", "--set=transfer.deflate=true"]
+    with pytest.raises(SystemExit, match="'int8\\+zip' has unknown flag\\(s\\) zip"):
+        script.transfer_settings("int8+zip")
