@@ -4,11 +4,11 @@
   final weights, and receives the edge's trained weights once; the server also needs the edge's training data;
 * safetensors encode/decode throughput (GB/s of payload) for ResNet50, with and without the validation that
   ``decode_state_dict`` does, beside ``torch.save``/``torch.load`` and a cheaper finiteness check, all in one run;
-* compression options (:mod:`bench.codecs`): bytes ratio against float32 and the accuracy change on a short ECAvg
-  run where every weight transfer goes through the codec (edges trained once from the seeded shared init, then for
-  each codec: uplink through the codec, weighted average, server fine-tuning, downlink through the codec, edges
-  evaluate). The codec is the only difference between the runs, so accuracy deltas are the codec's doing (plus the
-  small chaos of training from slightly different weights).
+* the product's transfer settings (``[transfer]``: each codec, the delta forms, deflate; :data:`VARIANTS`): bytes
+  ratio against float32 and the accuracy change on a short ECAvg run where every weight transfer goes through them
+  (edges trained once from the seeded shared init, then for each setting: uplink, weighted average, server
+  fine-tuning, downlink, edges evaluate). The setting is the only difference between the runs, so accuracy deltas
+  are its doing (plus the small chaos of training from slightly different weights).
 """
 
 from __future__ import annotations
@@ -24,8 +24,36 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from bench.codecs import CODECS, relative_error, roundtrip
 from bench.common import DEFAULT_DATA_DIR, best_time, load_average, print_table
+from ecavg.core.codecs import CODECS
+from ecavg.core.transfer import EdgeLinks, Transfer
+from ecavg.formatting import transfer_label
+
+# What the section compares: the product's own transfer settings, so the bench measures what a run sends. Each
+# codec whole, the delta forms (not fp32: refused, a float32 difference is as large as the weights), and deflate.
+VARIANTS: dict[str, Transfer] = {
+    transfer_label(t.to_dict()): t
+    for t in (*(Transfer(name) for name in CODECS), Transfer("fp16", delta=True), Transfer("int8", delta=True),
+              Transfer("fp32", deflate=True), Transfer("int8", deflate=True))
+}
+
+
+def upload(transfer: Transfer, weights: Mapping[str, torch.Tensor], start: Mapping[str, torch.Tensor], *,
+           name: str) -> tuple[dict[str, torch.Tensor], int]:
+    """What the server decodes from an edge's upload of ``weights`` (trained from ``start``), and its bytes."""
+    base = transfer.upload_base(dict(start))
+    payload = transfer.encode(weights, base=base)
+    return transfer.decode(payload, reference=weights, base=base, name=name), len(payload)
+
+
+def relative_error(original: Mapping[str, torch.Tensor], decoded: Mapping[str, torch.Tensor]) -> float:
+    """||decoded - original|| / ||original|| over all floating tensors together."""
+    num = den = 0.0
+    for key, tensor in original.items():
+        if tensor.is_floating_point():
+            num += float((decoded[key].double() - tensor.double()).pow(2).sum())
+            den += float(tensor.double().pow(2).sum())
+    return (num / den) ** 0.5 if den > 0 else 0.0
 
 # (model, dataset, classes, channels, image size) as trained in section 1.
 WIRE_MODELS = (
@@ -58,7 +86,7 @@ def jpeg_train_bytes(dataset: str, data_dir: Path) -> int | None:
         return sum(i.compress_size for i in archive.infolist() if "train/" in i.filename and not i.is_dir())
 
 
-def wire_bytes(models: Sequence[tuple] = WIRE_MODELS, codecs: Sequence[str] = tuple(CODECS), *,
+def wire_bytes(models: Sequence[tuple] = WIRE_MODELS, codecs: Sequence[str] = tuple(VARIANTS), *,
                num_edges: int = 2, data_dir: Path = DEFAULT_DATA_DIR) -> dict[str, Any]:
     rows = []
     out: dict[str, Any] = {}
@@ -67,8 +95,7 @@ def wire_bytes(models: Sequence[tuple] = WIRE_MODELS, codecs: Sequence[str] = tu
         trained = model_state(model, classes, channels, size, seed=1)  # stands in for trained weights
         per_codec = {}
         for name in codecs:
-            payload = CODECS[name].encode(trained, init)
-            per_codec[name] = len(payload)
+            per_codec[name] = upload(VARIANTS[name], trained, init, name="edge")[1]
         fp32 = per_codec["fp32"]
         n, c, s = TRAIN_IMAGES[dataset]
         edge_raw = n // num_edges * c * s * s
@@ -193,7 +220,7 @@ def _test_subset(splits, size: int | None):
     return dataclasses.replace(splits, test=splits.test.subset(keep))
 
 
-def codec_accuracy(config: Mapping[str, Any], codecs: Sequence[str] = tuple(CODECS), *,
+def codec_accuracy(config: Mapping[str, Any], codecs: Sequence[str] = tuple(VARIANTS), *,
                    data_dir: Path = DEFAULT_DATA_DIR, test_size: int | None = None) -> dict[str, Any]:
     from ecavg.config import resolve_config
     from ecavg.core.averaging import StreamingAverager
@@ -213,13 +240,15 @@ def codec_accuracy(config: Mapping[str, Any], codecs: Sequence[str] = tuple(CODE
     results: dict[str, Any] = {}
     rows = []
     for name in codecs:
-        codec = CODECS[name]
+        transfer = VARIANTS[name]
+        links = EdgeLinks(transfer)  # as the runtimes do: with delta, each download's base is the edge's upload
         started = time.perf_counter()
         averager = StreamingAverager()
         up_bytes = 0
         up_error = 0.0
         for edge, out in zip(edges, trained):
-            received, nbytes = roundtrip(codec, out.weights, init, name=edge.name)
+            received, nbytes = upload(transfer, out.weights, init, name=edge.name)
+            links.remember_upload(edge.name, received)
             up_bytes += nbytes
             up_error = max(up_error, relative_error(out.weights, received))
             averager.add(received, out.num_samples, name=edge.name)
@@ -227,9 +256,11 @@ def codec_accuracy(config: Mapping[str, Any], codecs: Sequence[str] = tuple(CODE
         accuracy_averaged = server.evaluate(averaged)
         finetuned, history = server.train(averaged, union, phase="finetune", epochs=cfg["server"]["epochs"])
         accuracy_server = history[-1]["test_accuracy"]  # the server evaluates after its last epoch
-        sent, down_bytes = roundtrip(codec, finetuned, init, name="server")
-        down_error = relative_error(finetuned, sent)
-        evaluations = [edge.evaluate(sent) for edge in edges]
+        download = links.download(finetuned)
+        sent = {edge.name: download.received(edge.name) for edge in edges}
+        down_bytes = sum(len(download.payload(edge.name)) for edge in edges) // len(edges)
+        down_error = max(relative_error(finetuned, w) for w in sent.values())
+        evaluations = [edge.evaluate(sent[edge.name]) for edge in edges]
         after = sum(e.accuracy * e.test_samples for e in evaluations) / sum(e.test_samples for e in evaluations)
         results[name] = {
             "uplink_bytes_per_edge": up_bytes // len(edges), "downlink_bytes_per_edge": down_bytes,
