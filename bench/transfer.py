@@ -38,14 +38,6 @@ VARIANTS: dict[str, Transfer] = {
 }
 
 
-def upload(transfer: Transfer, weights: Mapping[str, torch.Tensor], start: Mapping[str, torch.Tensor], *,
-           name: str) -> tuple[dict[str, torch.Tensor], int]:
-    """What the server decodes from an edge's upload of ``weights`` (trained from ``start``), and its bytes."""
-    base = transfer.upload_base(dict(start))
-    payload = transfer.encode(weights, base=base)
-    return transfer.decode(payload, reference=weights, base=base, name=name), len(payload)
-
-
 def relative_error(original: Mapping[str, torch.Tensor], decoded: Mapping[str, torch.Tensor]) -> float:
     """||decoded - original|| / ||original|| over all floating tensors together."""
     num = den = 0.0
@@ -95,7 +87,7 @@ def wire_bytes(models: Sequence[tuple] = WIRE_MODELS, codecs: Sequence[str] = tu
         trained = model_state(model, classes, channels, size, seed=1)  # stands in for trained weights
         per_codec = {}
         for name in codecs:
-            per_codec[name] = upload(VARIANTS[name], trained, init, name="edge")[1]
+            per_codec[name] = EdgeLinks(VARIANTS[name]).upload("edge", trained, received=init)[1]
         fp32 = per_codec["fp32"]
         n, c, s = TRAIN_IMAGES[dataset]
         edge_raw = n // num_edges * c * s * s
@@ -247,8 +239,7 @@ def codec_accuracy(config: Mapping[str, Any], codecs: Sequence[str] = tuple(VARI
         up_bytes = 0
         up_error = 0.0
         for edge, out in zip(edges, trained):
-            received, nbytes = upload(transfer, out.weights, init, name=edge.name)
-            links.remember_upload(edge.name, received)
+            received, nbytes = links.upload(edge.name, out.weights, received=init)
             up_bytes += nbytes
             up_error = max(up_error, relative_error(out.weights, received))
             averager.add(received, out.num_samples, name=edge.name)

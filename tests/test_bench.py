@@ -14,6 +14,7 @@ import torch
 
 from bench import aggregation, common, transfer
 from bench import run as bench_run
+from ecavg.core.transfer import EdgeLinks
 
 
 def test_perturbed_stream_yields_offsets_and_restores_base():
@@ -61,7 +62,7 @@ def test_bench_uploads_go_through_the_products_transfer(label):
              "bn.num_batches_tracked": torch.tensor(3)}
     trained = {k: (v + 0.05 * torch.randn_like(v)) if v.is_floating_point() else v + 1 for k, v in start.items()}
     variant = transfer.VARIANTS[label]
-    decoded, nbytes = transfer.upload(variant, trained, start, name="edge-0")
+    decoded, nbytes = EdgeLinks(variant).upload("edge-0", trained, received=start)
     # The bytes counted are the product's payload for this upload, nothing re-implemented in bench/.
     assert nbytes == len(variant.encode(trained, base=start if variant.delta else None))
     assert decoded["bn.num_batches_tracked"].item() == 4
@@ -72,8 +73,8 @@ def test_bench_uploads_go_through_the_products_transfer(label):
 def test_bench_variants_cover_codecs_delta_and_deflate():
     assert {"fp32", "fp16", "bf16", "int8", "int8+delta", "int8+deflate"} <= set(transfer.VARIANTS)
     state = {"w": torch.randn(256, 256)}
-    fp32 = transfer.upload(transfer.VARIANTS["fp32"], state, state, name="edge")[1]
-    int8 = transfer.upload(transfer.VARIANTS["int8"], state, state, name="edge")[1]
+    fp32 = EdgeLinks(transfer.VARIANTS["fp32"]).upload("edge", state, received=state)[1]
+    int8 = EdgeLinks(transfer.VARIANTS["int8"]).upload("edge", state, received=state)[1]
     assert 0.24 < int8 / fp32 < 0.3
 
 

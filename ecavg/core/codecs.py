@@ -393,8 +393,8 @@ def transfer_roundtrip(
 ) -> tuple[StateDict, int]:
     """What the receiver gets when ``state_dict`` crosses the wire under ``codec``, and the payload's bytes.
 
-    The embedded runtime applies this to every transfer so that it loses exactly what a deployment loses.
-    ``base`` is needed exactly when ``codec.delta``.
+    The codec alone, without ``transfer.deflate``; the runtimes go through ``ecavg.core.transfer`` (``EdgeLinks``),
+    which applies both. ``base`` is needed exactly when ``codec.delta``.
     """
     payload = codec.encode(state_dict, base=base)
     return codec.decode(payload, reference=state_dict, base=base, name=name), len(payload)

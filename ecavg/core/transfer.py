@@ -143,6 +143,19 @@ class EdgeLinks:
         if self.transfer.delta:
             self._uploads[name] = weights
 
+    def upload(self, name: str, weights: Mapping[str, Tensor], *,
+               received: StateDict | None) -> tuple[StateDict, int]:
+        """Edge ``name``'s upload of ``weights``, trained from ``received`` (None: from its own start), where one
+        process holds both ends of the link: what the server decodes (remembered, as :meth:`remember_upload`) and
+        the payload's bytes."""
+        base = self.transfer.upload_base(received)
+        payload = self.transfer.encode(weights, base=base)
+        # Without a download (shared_init = false) the edge's own weights give the expected shapes.
+        decoded = self.transfer.decode(payload, reference=received if received is not None else weights, base=base,
+                                       name=name)
+        self.remember_upload(name, decoded)
+        return decoded, len(payload)
+
     def download(self, weights: Mapping[str, Tensor]) -> Download:
         return Download(self.transfer, weights, dict(self._uploads) if self.transfer.delta else {})
 

@@ -47,20 +47,14 @@ class EmbeddedEdgePool(EdgePool):
 
     def fit(self, weights: Mapping[str, torch.Tensor] | None, *, phase: str, epochs: int,
             only: list[str] | None = None) -> Iterator[EdgeReply]:
-        transfer = self._links.transfer
         download = self._links.download(weights) if weights is not None else None
         for edge in self._select(only):
             received, bytes_down = None, 0
             if download is not None:
                 received, bytes_down = download.received(edge.name), len(download.payload(edge.name))
             reply = edge.fit(received, phase=phase, epochs=epochs)
-            base = transfer.upload_base(received)
-            uploaded = transfer.encode(reply.weights, base=base)
-            # Without a download (shared_init = false) the in-process edge's own reply gives the expected shapes.
-            decoded = transfer.decode(uploaded, reference=received if received is not None else reply.weights,
-                                      base=base, name=edge.name)
-            self._links.remember_upload(edge.name, decoded)
-            yield dataclasses.replace(reply, weights=decoded, bytes_up=len(uploaded), bytes_down=bytes_down)
+            decoded, bytes_up = self._links.upload(edge.name, reply.weights, received=received)
+            yield dataclasses.replace(reply, weights=decoded, bytes_up=bytes_up, bytes_down=bytes_down)
 
     def evaluate(self, weights: Mapping[str, torch.Tensor], *, phase: str) -> Iterator[EdgeEvaluation]:
         download = self._links.download(weights)
