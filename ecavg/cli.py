@@ -205,7 +205,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     plan = make_plan(cfg, data_dir=args.data_dir, from_runs=args.from_runs, message_overhead_s=args.message_overhead,
                      links=parse_edge_values(args.links, flag="--link", num_edges=edges, parse=parse_rate),
                      cpu_shares=parse_edge_values(args.edge_cpu, flag="--edge-cpu", num_edges=edges,
-                                                  parse=parse_cpu_share))
+                                                  parse=parse_cpu_share), warm_clientapps=args.warm_clientapps)
     print(json.dumps(plan, indent=2) if args.json else plan_table(plan))
     return 0
 
@@ -333,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--message-overhead", type=float, metavar="SECONDS",
                       help="seconds per message exchange, replacing Flower's routing + the edge process start "
                            "(default: routing measured on the development machine + the start timed here)")
+    plan.add_argument("--warm-clientapps", action="store_true",
+                      help="plan a deployment with one long-lived ClientApp per SuperNode (as deploy local "
+                           "--warm-clientapps): it also waits for Flower to notice each download's last byte")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.set_defaults(func=_cmd_plan)
 

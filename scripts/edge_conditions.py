@@ -117,7 +117,7 @@ def main(argv: list[str]) -> int:
             print(f"{run}: finished, kept")
             continue
         plan = ecavg(["plan", *common, *transfer_settings(codec), *(f"--from={c}" for c in calibrations),
-                      *conditions, "--json"], capture_output=True, text=True)
+                      *conditions, *warm, "--json"], capture_output=True, text=True)
         if plan.returncode != 0:
             raise SystemExit(f"{run}: ecavg plan failed: {plan.stderr.strip().splitlines()[-1:]}")
         if not finished:

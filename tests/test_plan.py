@@ -27,6 +27,7 @@ from ecavg.plan.model import (
     batches,
     crossover_rate_bps,
     predict,
+    pull_wait_seconds,
     round_summary,
 )
 
@@ -102,6 +103,28 @@ def test_a_phase_waits_for_the_slowest_edge_link_and_cpu():
     # More samples on one edge: that edge is the straggler even on equal links.
     uneven = inputs(edges=(EdgeInputs("edge-0", 3000, 100), EdgeInputs("edge-1", 1000, 100)))
     assert by_phase(uneven)["pretrain"].slowest == "edge-0"
+
+
+def test_flower_notices_a_payload_at_its_next_backoff_ask():
+    # Flower asks for a message's objects at 0, 1, 3, 7, 15, 25, 35, 45 ... s (backoff 1 s doubling, capped at 10 s).
+    assert [pull_wait_seconds(t) for t in (0.0, 0.5, 1.0, 2.0, 20.0, 25.0, 36.0)] == \
+        pytest.approx([0.0, 0.5, 0.0, 1.0, 5.0, 0.0, 9.0])
+    # 1 MB each way at 0.4 Mbit/s: 20 s per transfer, noticed 5 s late. The ServerApp waits for every reply; only a
+    # warm ClientApp (already asking when a message arrives) waits for a download too.
+    slow = inputs(edges=(EdgeInputs("edge-0", 1000, 100, rate_bps=4e5),), upload_data=False)
+    cold, warm = by_phase(slow)["pretrain"], by_phase(replace(slow, warm_clientapps=True))["pretrain"]
+    assert cold.transfer_s == warm.transfer_s == pytest.approx(40.0)
+    assert cold.overhead_s == pytest.approx(3.0 + 1.0 + 5.0)
+    assert warm.overhead_s == pytest.approx(3.0 + 1.0 + 5.0 + 5.0)
+    # Unlimited links: nothing to wait for.
+    assert by_phase(replace(inputs(), warm_clientapps=True))["pretrain"].overhead_s == pytest.approx(4.0)
+
+
+def test_the_backoff_is_flowers():
+    constant = pytest.importorskip("flwr.supercore.constant")
+    from ecavg.plan.model import PULL_BACKOFF_CAP_S, PULL_INITIAL_BACKOFF_S
+
+    assert (PULL_INITIAL_BACKOFF_S, PULL_BACKOFF_CAP_S) == (constant.PULL_INITIAL_BACKOFF, constant.PULL_BACKOFF_CAP)
 
 
 def test_no_data_upload_without_server_training_data():

@@ -46,10 +46,11 @@ __all__ = [
 
 def make_plan(cfg: dict[str, Any], *, data_dir: str | None, links: Mapping[int, int],
               cpu_shares: Mapping[int, float], from_runs: Sequence[Path] = (),
-              message_overhead_s: float | None = None) -> dict[str, Any]:
+              message_overhead_s: float | None = None, warm_clientapps: bool = False) -> dict[str, Any]:
     """The plan of ``cfg`` (resolved): inputs, per-phase estimates and the run's summary, as JSON-ready data.
     ``from_runs``: earlier runs to read the compute rates (and, if deployed, Flower's overhead) from, the median of
-    each figure over them; none: calibrate here."""
+    each figure over them; none: calibrate here. ``warm_clientapps``: a deployment with one long-lived ClientApp
+    per SuperNode (``ecavg deploy local --warm-clientapps``)."""
     from ecavg.plan import inputs
 
     if cfg["strategy"] not in ("ecavg", "fedavg", "centralized", "local"):
@@ -87,6 +88,7 @@ def make_plan(cfg: dict[str, Any], *, data_dir: str | None, links: Mapping[int, 
                   f"first optimizer {rates.train_start_s:.1f} s)")
     plan_in = inputs.plan_inputs(cfg, participants, rates, data_dir=data_dir, links=links, cpu_shares=cpu_shares,
                                  message_overhead_s=message_overhead_s, overheads=overheads)
+    plan_in = replace(plan_in, warm_clientapps=warm_clientapps)
     phases = predict(plan_in)
     crossover = crossover_rate_bps(plan_in)
     return {
@@ -100,6 +102,7 @@ def make_plan(cfg: dict[str, Any], *, data_dir: str | None, links: Mapping[int, 
         "hello_overhead_s": plan_in.hello_overhead_s,
         "train_start_s": plan_in.train_start_s,
         "server_train_start_s": plan_in.server_train_start_s,
+        "warm_clientapps": plan_in.warm_clientapps,
         "phases": [ph.to_dict() for ph in phases],
         "summary": round_summary(phases),
         "crossover_rate_bps": crossover,

@@ -7,7 +7,10 @@ exchange or server step, in the order the run does them. ``ecavg.plan.inputs`` m
 What a phase costs, as the Flower runtime (``ecavg.runtime.flower``) runs it:
 
 * a message exchange (``hello``, ``data``, ``pretrain``, ``roundN``, ``update``) ends when the slowest edge has
-  replied; edge k takes ``overhead + bytes_down_k / rate_k + compute_k / share_k + bytes_up_k / rate_k``.
+  replied; edge k takes ``overhead + bytes_down_k / rate_k + compute_k / share_k + bytes_up_k / rate_k``, plus,
+  behind a rate-limited link, the time Flower takes to notice a payload's last byte (:func:`pull_wait_seconds`):
+  the ServerApp's for every reply, a warm ClientApp's for every message (a fresh ClientApp process starts only
+  after the message has arrived: measured, the cold runs fit without it).
   Flower starts a fresh ClientApp process per message (importing PyTorch, reloading the edge's data): the
   overhead. A message that trains pays once more for the process's first optimizer (PyTorch imports
   ``torch._dynamo`` then: ``train_start_s``), and so does the server's first training step.
@@ -48,6 +51,15 @@ HELLO_OVERHEAD_S = MESSAGE_OVERHEAD_S + HELLO_EXTRA_S
 # A process's first optimizer imports torch._dynamo (PyTorch 2.14): timed by --calibrate in the same subprocess;
 # this default is the server's first fine-tuning in the measurement above (15.1 s - 4.1 s of compute).
 TRAIN_START_S = 11.0
+
+# Flower 1.42 fetches a message's objects with exponential backoff while they are not all there
+# (``PULL_INITIAL_BACKOFF``, ``PULL_BACKOFF_CAP`` in flwr/supercore/constant.py; +-20% jitter, left out here). The
+# receiver starts asking as soon as the message is registered, before its bytes have crossed a slow link, so it
+# notices the payload at its first ask after the last byte. Measured (docs/findings.md, "Real edge conditions"):
+# with the two constants patched down to 0.1 and 0.2 s, a warm int8 + deflate CIFAR-10 round at 1 Mbit/s spent
+# 10.2 s less in pre-training.
+PULL_INITIAL_BACKOFF_S = 1.0
+PULL_BACKOFF_CAP_S = 10.0
 
 COMPUTE, COMMUNICATION, OVERHEAD = "compute", "communication", "overhead"
 
@@ -115,6 +127,7 @@ class PlanInputs:
     # The part of each message's overhead that is the edge's process start (importing PyTorch, loading its data):
     # CPU work, so an edge with a CPU share below one core takes start / share for it (0: not measured).
     edge_start_s: float = 0.0
+    warm_clientapps: bool = False  # ecavg deploy local --warm-clientapps: one long-lived ClientApp per SuperNode
 
 
 @dataclass
@@ -162,6 +175,15 @@ def transfer_seconds(nbytes: int, rate_bps: float | None) -> float:
     return 0.0 if rate_bps is None or nbytes == 0 else nbytes * 8.0 / rate_bps
 
 
+def pull_wait_seconds(transfer_s: float) -> float:
+    """From a payload's last byte to the receiver's next ask for it (asks at 0, 1, 3, 7, 15, 25, 35, ... s)."""
+    asked, delay = 0.0, PULL_INITIAL_BACKOFF_S
+    while asked < transfer_s:
+        asked += delay
+        delay = min(2.0 * delay, PULL_BACKOFF_CAP_S)
+    return asked - transfer_s
+
+
 def _edge_fit_s(p: PlanInputs, edge: EdgeInputs) -> float:
     evaluations = (p.edge_epochs - 1 if p.eval_each_epoch else 0) + 1 if p.edge_epochs > 0 else 1
     return (train_seconds(edge.train_samples, p.edge_batch_size, p.edge_epochs, p.rates.edge_train_s)
@@ -189,10 +211,12 @@ def _exchange(p: PlanInputs, phase: str, *, compute, down, up, overhead: float) 
     start = min(p.edge_start_s, overhead)  # the CPU-bound part of this message's overhead
     for edge in p.edges:
         bytes_down, bytes_up = down(edge), up(edge)
+        down_s, up_s = transfer_seconds(bytes_down, edge.rate_bps), transfer_seconds(bytes_up, edge.rate_bps)
+        waits = pull_wait_seconds(up_s) + (pull_wait_seconds(down_s) if p.warm_clientapps else 0.0)
         costs[edge.name] = EdgeCost(
-            compute_s=compute(edge) / edge.cpu_share,
-            transfer_s=transfer_seconds(bytes_down, edge.rate_bps) + transfer_seconds(bytes_up, edge.rate_bps),
-            overhead_s=overhead + start * (1.0 / edge.cpu_share - 1.0), bytes_down=bytes_down, bytes_up=bytes_up)
+            compute_s=compute(edge) / edge.cpu_share, transfer_s=down_s + up_s,
+            overhead_s=overhead + start * (1.0 / edge.cpu_share - 1.0) + waits, bytes_down=bytes_down,
+            bytes_up=bytes_up)
     slowest = max(costs, key=lambda n: costs[n].total_s)
     c = costs[slowest]
     parts = {COMPUTE: c.compute_s, COMMUNICATION: c.transfer_s, OVERHEAD: c.overhead_s}
