@@ -9,8 +9,8 @@ What a phase costs, as the Flower runtime (``ecavg.runtime.flower``) runs it:
 * a message exchange (``hello``, ``data``, ``pretrain``, ``roundN``, ``update``) ends when the slowest edge has
   replied; edge k takes ``overhead + bytes_down_k / rate_k + compute_k / share_k + bytes_up_k / rate_k``, plus,
   behind a rate-limited link, the time Flower takes to notice a payload's last byte (:func:`pull_wait_seconds`):
-  the ServerApp's for every reply, a warm ClientApp's for every message (a fresh ClientApp process starts only
-  after the message has arrived: measured, the cold runs fit without it).
+  the ServerApp's for every reply, a warm ClientApp's for every message (a ClientApp process started per message
+  is not yet asking while the message crosses the link: the per-message runs measured fit without that wait).
   Flower starts a fresh ClientApp process per message (importing PyTorch, reloading the edge's data): the
   overhead. A message that trains pays once more for the process's first optimizer (PyTorch imports
   ``torch._dynamo`` then: ``train_start_s``), and so does the server's first training step.
