@@ -9,13 +9,21 @@ import pytest
 import torch
 from torch import Tensor
 
-from ecavg.core import CODECS, Codec, codec, transfer_roundtrip
+from ecavg.core import CODECS, Codec, codec
 from ecavg.core.serialization import decode_metadata, decode_state_dict, encode_state_dict
 from ecavg.errors import ConfigError, WeightsError
 from ecavg.models import build_model
 
 SOURCE = "edge-3"
 EPS32 = torch.finfo(torch.float32).eps
+
+
+def transfer_roundtrip(state_dict: dict[str, Tensor], codec: Codec, base: dict[str, Tensor] | None = None, *,
+                       name: str = "local transfer") -> tuple[dict[str, Tensor], int]:
+    """What the receiver decodes when ``state_dict`` crosses the wire under ``codec`` alone, and the payload's
+    bytes (the runtimes go through ``ecavg.core.transfer.EdgeLinks``, which adds ``transfer.deflate``)."""
+    payload = codec.encode(state_dict, base=base)
+    return codec.decode(payload, reference=state_dict, base=base, name=name), len(payload)
 
 
 def sample_state_dict(seed: int = 0) -> dict[str, Tensor]:

@@ -5,7 +5,7 @@ from ecavg.core.averaging import (
     StreamingAverager,
     average_state_dicts,
 )
-from ecavg.core.codecs import CODECS, Codec, codec, transfer_roundtrip
+from ecavg.core.codecs import CODECS, Codec, codec
 from ecavg.core.matching import (
     align_to_reference,
     match_weights,
@@ -31,7 +31,6 @@ __all__ = [
     "CODECS",
     "Codec",
     "codec",
-    "transfer_roundtrip",
     "MATCHABLE_MODELS",
     "AggregationError",
     "PermutationSpec",

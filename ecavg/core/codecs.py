@@ -37,7 +37,7 @@ from ecavg.core.serialization import decode_metadata, decode_state_dict, encode_
 from ecavg.errors import ConfigError, WeightsError
 from ecavg.registry import Key, Option, Registry
 
-__all__ = ["CODECS", "TRANSFER_CODECS", "Codec", "codec", "transfer_roundtrip"]
+__all__ = ["CODECS", "TRANSFER_CODECS", "Codec", "codec"]
 
 StateDict = dict[str, Tensor]
 
@@ -382,19 +382,3 @@ def codec(name: str, *, delta: bool = False) -> Codec:
     if not isinstance(name, str) or name not in TRANSFER_CODECS.names():
         raise ConfigError(f"unknown transfer codec {name!r}; choose one of {', '.join(TRANSFER_CODECS.names())}")
     return TRANSFER_CODECS.get(name)(delta=delta)
-
-
-def transfer_roundtrip(
-    state_dict: Mapping[str, Tensor],
-    codec: Codec,
-    base: Mapping[str, Tensor] | None = None,
-    *,
-    name: str = "local transfer",
-) -> tuple[StateDict, int]:
-    """What the receiver gets when ``state_dict`` crosses the wire under ``codec``, and the payload's bytes.
-
-    The codec alone, without ``transfer.deflate``; the runtimes go through ``ecavg.core.transfer`` (``EdgeLinks``),
-    which applies both. ``base`` is needed exactly when ``codec.delta``.
-    """
-    payload = codec.encode(state_dict, base=base)
-    return codec.decode(payload, reference=state_dict, base=base, name=name), len(payload)
