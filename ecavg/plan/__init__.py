@@ -87,8 +87,8 @@ def make_plan(cfg: dict[str, Any], *, data_dir: str | None, links: Mapping[int, 
         source = (f"calibrated here (threads = {cfg['threads']}; edge process start {rates.edge_start_s:.1f} s, "
                   f"first optimizer {rates.train_start_s:.1f} s)")
     plan_in = inputs.plan_inputs(cfg, participants, rates, data_dir=data_dir, links=links, cpu_shares=cpu_shares,
-                                 message_overhead_s=message_overhead_s, overheads=overheads)
-    plan_in = replace(plan_in, warm_clientapps=warm_clientapps)
+                                 message_overhead_s=message_overhead_s, overheads=overheads,
+                                 warm_clientapps=warm_clientapps)
     phases = predict(plan_in)
     crossover = crossover_rate_bps(plan_in)
     return {

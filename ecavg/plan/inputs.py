@@ -120,9 +120,11 @@ class Overheads:
 
 def plan_inputs(cfg: dict[str, Any], participants: Participants, rates: ComputeRates, *, data_dir: str | None,
                 links: Mapping[int, int], cpu_shares: Mapping[int, float],
-                message_overhead_s: float | None = None, overheads: Overheads | None = None) -> PlanInputs:
+                message_overhead_s: float | None = None, overheads: Overheads | None = None,
+                warm_clientapps: bool = False) -> PlanInputs:
     """Everything the time model needs for ``cfg`` (resolved), with per-edge links (bits per second) and CPU shares,
-    keyed by edge index as ``rates.parse_edge_values`` gives them (an edge absent: unlimited, one whole core)."""
+    keyed by edge index as ``rates.parse_edge_values`` gives them (an edge absent: unlimited, one whole core).
+    ``warm_clientapps``: one long-lived ClientApp per SuperNode (``deploy local --warm-clientapps``)."""
     settings = deploy_settings(cfg["deploy"], num_edges=cfg["data"]["num_edges"])
     trains_on_server = server_training_needs_edge_data(cfg)
     upload = settings.share_data == "full" and trains_on_server
@@ -169,7 +171,7 @@ def plan_inputs(cfg: dict[str, Any], participants: Participants, rates: ComputeR
         update_batch_size=cfg["update"]["batch_size"] or cfg["edge"]["batch_size"],
         message_overhead_s=message_overhead_s, hello_overhead_s=message_overhead_s + hello_extra_s,
         train_start_s=train_start_s, server_train_start_s=server_train_start_s,
-        edge_start_s=rates.edge_start_s or 0.0)
+        edge_start_s=rates.edge_start_s or 0.0, warm_clientapps=warm_clientapps)
 
 
 # -- compute: measured here ---------------------------------------------------------------------------------
