@@ -356,3 +356,30 @@ def test_overheads_are_fitted_to_a_deployed_run(tmp_path, quickstart, capsys):
     (run / "results.json").write_text(json.dumps(results))
     with pytest.raises(ConfigError, match="does not train"):
         overheads_from_run(run, rates, None)
+
+
+def test_overheads_of_a_warm_clientapp_run_leave_its_download_waits_to_the_model(tmp_path, quickstart):
+    """A warm ClientApp waits for Flower to notice each download behind its link; fitting such a run as if its
+    ClientApps were per-message would count those waits as message overhead."""
+    from ecavg.plan.inputs import overheads_from_run, plan_inputs, rates_from_run
+
+    cfg, participants = quickstart
+    run = fake_run(tmp_path, cfg)
+    rates = rates_from_run(run, cfg)
+    links = {0: 1_000_000, 1: 1_000_000}
+
+    def bare(warm):
+        return replace(plan_inputs(cfg, participants, rates, data_dir=None, links=links, cpu_shares={},
+                                   message_overhead_s=0.0, warm_clientapps=warm),
+                       hello_overhead_s=0.0, train_start_s=0.0)
+
+    cold, warm = by_phase(bare(False)), by_phase(bare(True))
+    assert warm["update"].total_s > cold["update"].total_s + 1  # the download's wait: what this test is about
+    overhead = {"hello": 9.0, "pretrain": 4.0 + 2.5, "update": 4.0}
+    results = json.loads((run / "results.json").read_text())
+    results["deploy"] = {"clientapp": "warm",
+                         "phase_wall_s": {p: warm[p].total_s + extra for p, extra in overhead.items()},
+                         "links": {"edges": {"edge-0": {"rate_bps": 1_000_000}, "edge-1": {"rate_bps": 1_000_000}}}}
+    (run / "results.json").write_text(json.dumps(results))
+    fitted = overheads_from_run(run, rates, None)
+    assert (fitted.message_s, fitted.hello_s, fitted.train_start_s) == pytest.approx((4.0, 9.0, 2.5))

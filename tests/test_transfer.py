@@ -245,6 +245,20 @@ def test_each_codec_end_to_end_embedded(tmp_path, fp32_run, variant, monkeypatch
         assert torch.allclose(levels, levels.round(), atol=1e-3) and not torch.equal(levels, torch.zeros_like(levels))
     elif variant == "fp16":
         assert torch.equal(uploaded.half().float(), uploaded)
+    # Each edge ends with its decoded copy of the server's model, not the server's own: its file holds that copy and
+    # its full-test accuracy is that copy's, measured as the server measures its own model.
+    from ecavg.plan.inputs import setup
+
+    server_worker = setup(resolve_config(config({"codec": name, "delta": delta})), None).server
+    final = load_state_dict(tmp_path / "run" / "server.safetensors")
+    for edge in results["edges"]:
+        copy = load_state_dict(tmp_path / "run" / f"{edge['name']}.safetensors")
+        assert not torch.equal(copy["hidden.weight"], final["hidden.weight"]), edge["name"]
+        if not delta:  # sent whole: the codec's round trip of the server's weights
+            transfer = Transfer(name)
+            assert torch.equal(copy["hidden.weight"], transfer.decode(transfer.encode(final), reference=final,
+                                                                      name="server")["hidden.weight"])
+        assert edge["accuracy_after_full"] == server_worker.evaluate(copy), edge["name"]
 
 
 def test_the_training_data_upload_is_deflated_and_checked():
@@ -432,6 +446,9 @@ def _same_run(served: dict, served_out: Path, embedded: dict, embedded_out: Path
 
     assert figures(served) == figures(embedded)
     same_files(served_out, embedded_out, ("server.safetensors",))
+    # An edge that kept the server's model holds its decoded copy; the server decoded the same one, bit for bit.
+    kept = [e["name"] for e in served["edges"] if e["update_kept"] == "server"]
+    same_files(served_out, embedded_out, tuple(f"{name}.safetensors" for name in kept))
 
 
 @pytest.mark.parametrize("sections", [{}, {"strategy": "fedavg", "fedavg": {"rounds": 2}},

@@ -331,12 +331,17 @@ def server_train(ctx: RunContext, tally: Tally, phase: str, weights: StateDict,
 
 def update(ctx: RunContext, tally: Tally, weights: StateDict, phase: str = "update") -> dict[str, object]:
     """Step 5: send the final weights to every edge, which makes its final model (``update.mode``) and evaluates
-    it. Returns each edge's final weights for the output directory: SAME_AS_SERVER when it kept the server's,
-    its own weights when the runtime hands them over, else KEPT_AT_EDGE (a deployed edge keeps them). An edge
+    it. Returns each edge's final weights for the output directory: SAME_AS_SERVER when it kept the server's bit
+    for bit, its decoded copy when it kept them through a lossy ``transfer.codec`` (measured on the full test set
+    here, as the server's own model is), its own weights when the runtime hands them over, else KEPT_AT_EDGE (a
+    deployed edge keeps them). An edge
     that did not report (it dropped out of a deployment) has no entry: it was not updated, nothing is written."""
     start = time.perf_counter()
     final: dict[str, object] = {}
     kept_server = []
+    # A lossy transfer's decoded copy, measured once per copy: edges sent one shared payload share one object
+    # (ecavg.core.transfer.Download.received), which ``final`` keeps alive, so its id stays its own.
+    full_of_copy: dict[int, float] = {}
     for ev in ctx.pool.evaluate(weights, phase=phase):
         edge = tally.edges[ev.name]
         edge["accuracy_after"] = ev.accuracy
@@ -349,12 +354,17 @@ def update(ctx: RunContext, tally: Tally, weights: StateDict, phase: str = "upda
             for m in history:
                 ctx.emit({"participant": ev.name, "phase": fine_tune, **m})
         record: dict[str, Any] = {"participant": ev.name, "phase": phase, "test_accuracy": ev.accuracy}
-        if ev.kept == "server":
+        if ev.kept == "server" and ev.weights is None:
             kept_server.append(ev.name)
             final[ev.name] = SAME_AS_SERVER
         else:
-            record.update(kept=ev.kept, test_accuracy_full=ev.accuracy_full)
-            edge["accuracy_after_full"] = ev.accuracy_full
+            accuracy_full = ev.accuracy_full
+            if ev.kept == "server":  # the edge's decoded copy of the server's model (a lossy transfer.codec)
+                if id(ev.weights) not in full_of_copy:
+                    full_of_copy[id(ev.weights)] = ctx.server.evaluate(ev.weights)
+                accuracy_full = full_of_copy[id(ev.weights)]
+            record.update(kept=ev.kept, test_accuracy_full=accuracy_full)
+            edge["accuracy_after_full"] = accuracy_full
             final[ev.name] = ev.weights if ev.weights is not None else KEPT_AT_EDGE
             edge["weights_at_edge"] = ev.weights is None
         ctx.emit(record)

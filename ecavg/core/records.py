@@ -52,7 +52,8 @@ class EdgeEvaluation:
     model's accuracy on the edge's own test partition, ``accuracy_full`` on the full test set (None when the
     edge kept the server's model, which the server measures itself, or holds no copy of the full test set).
     ``weights`` are the edge's final weights when they are not the server's and the runtime hands them over
-    (embedded); a deployed edge keeps them. ``train_samples`` counts the samples the update trained on
+    (embedded; a deployed edge keeps them), or, when it kept the server's through a lossy ``transfer.codec``, its
+    decoded copy (the pool decodes it as the edge did). ``train_samples`` counts the samples the update trained on
     (epochs x training set, every fine-tune together), ``validation`` each candidate's accuracy on the edge's
     held-out slice (guarded), ``history`` the per-epoch metrics of each fine-tune, by phase.
     """

@@ -69,6 +69,11 @@ class Transfer:
             raise WeightsError(f"transfer.codec {self.codec_name!r} without delta takes no base weights")
         return codec(self.codec_name, delta=base is not None)
 
+    @property
+    def exact(self) -> bool:
+        """Whether every payload decodes to the weights sent, bit for bit (fp32; deflate is lossless)."""
+        return self.codec_name == "fp32"
+
     def plain(self, base: Mapping[str, Tensor] | None = None) -> bool:
         """Whether a payload with this base is the plain float32 safetensors of earlier versions (no metadata)."""
         return self.codec_name == "fp32" and base is None and not self.deflate
@@ -169,6 +174,7 @@ class Download:
         self.weights = weights
         self._bases = bases
         self._payloads: dict[str | None, bytes] = {}
+        self._shared_copy: StateDict | None = None
 
     def base(self, name: str) -> StateDict | None:
         """The base of edge ``name``'s payload (None: sent whole)."""
@@ -181,8 +187,21 @@ class Download:
         return self._payloads[key]
 
     def received(self, name: str) -> StateDict:
-        """What edge ``name`` decodes from its payload (bit for bit: same bytes, same base, same code)."""
-        return self.transfer.decode(self.payload(name), reference=self.weights, base=self.base(name), name=name)
+        """What edge ``name`` decodes from its payload (bit for bit: same bytes, same base, same code). The edges
+        sent the shared payload get one object: decoded once, and recognisable as one copy."""
+        if name in self._bases:
+            return self.transfer.decode(self.payload(name), reference=self.weights, base=self.base(name), name=name)
+        if self._shared_copy is None:
+            self._shared_copy = self.transfer.decode(self.payload(name), reference=self.weights, name=name)
+        return self._shared_copy
+
+    def copy_kept(self, name: str, received: StateDict | None = None) -> StateDict | None:
+        """The weights edge ``name`` ends with when it keeps the server's model: None where they are the server's
+        bit for bit (an fp32 transfer), else its decoded copy (``received``, when the caller holds it), which is
+        what its results and its final weights must be of."""
+        if self.transfer.exact:
+            return None
+        return received if received is not None else self.received(name)
 
 
 def check_transfer_config(cfg: Mapping[str, Any], strategy: Any) -> None:

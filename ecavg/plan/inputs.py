@@ -363,9 +363,12 @@ def overheads_from_run(run_dir: Path, rates: ComputeRates, data_dir: str | None)
     cfg = resolve_config(run_config(run_dir))
     links, shares = run_conditions(results, cfg["data"]["num_edges"])
     participants = setup(cfg, data_dir)
+    # A warm ClientApp also waits for Flower to notice each download (``pull_wait_seconds``): the model's, not
+    # message overhead.
+    warm = (results.get("deploy") or {}).get("clientapp") == "warm"
     bare = replace(plan_inputs(cfg, participants, rates, data_dir=data_dir, links=links, cpu_shares=shares,
-                               message_overhead_s=0.0), hello_overhead_s=0.0, train_start_s=0.0,
-                   server_train_start_s=0.0)
+                               message_overhead_s=0.0, warm_clientapps=warm), hello_overhead_s=0.0,
+                   train_start_s=0.0, server_train_start_s=0.0)
     planned = predict(bare)
     residual = {ph.phase: measured[ph.phase] - ph.total_s for ph in planned if ph.phase in measured}
     server_steps = [ph.phase for ph in planned if ph.phase in ("warmup", "finetune", "centralized")]

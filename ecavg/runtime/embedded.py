@@ -62,11 +62,14 @@ class EmbeddedEdgePool(EdgePool):
             needs_own = edge.update_mode is not None and edge.update_mode.needs_own_weights
             if needs_own and self._own_weights is not None:
                 edge.pretrained_weights = self._own_weights(edge.name)
+            received = download.received(edge.name)
             try:
-                evaluation = edge.update(download.received(edge.name))
+                evaluation = edge.update(received)
             finally:
                 if needs_own:
                     edge.pretrained_weights = None
+            if evaluation.kept == "server":
+                evaluation = dataclasses.replace(evaluation, weights=download.copy_kept(edge.name, received))
             yield dataclasses.replace(evaluation, bytes_down=len(download.payload(edge.name)))
 
     def restore_own_weights(self, name: str, weights: Mapping[str, torch.Tensor]) -> None:

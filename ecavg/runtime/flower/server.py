@@ -195,6 +195,8 @@ class FlowerEdgePool(EdgePool):
                 self._drop(name, phase, f"{error.kind}: {error}")
                 continue
             own = len(self._own_payloads.get(name, b""))
+            if evaluation.kept == "server":  # the server decodes the edge's copy as the edge did, bit for bit
+                evaluation = dataclasses.replace(evaluation, weights=download.copy_kept(name))
             yield dataclasses.replace(evaluation, bytes_down=len(download.payload(name)) + own)
 
     def restore_own_weights(self, name: str, weights: Mapping[str, torch.Tensor]) -> None:
