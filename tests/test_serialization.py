@@ -10,6 +10,7 @@ import torch
 
 from ecavg.core.serialization import (
     WeightsError,
+    byte_planes,
     decode_metadata,
     decode_state_dict,
     encode_state_dict,
@@ -55,6 +56,35 @@ def test_round_trip_is_bit_exact_for_every_dtype():
     assert all(t.device.type == "cpu" for t in decoded.values())
     assert decode_metadata(payload) == {"round": "3", "edge": "edge-1"}
     assert decode_metadata(encode_state_dict(original)) == {}
+
+
+def test_byte_planes_regroup_each_tensors_bytes_and_undo_it_exactly():
+    """transfer.deflate's filter: a tensor of 4-byte elements becomes its first bytes, then its second bytes, ...;
+    one-byte tensors and the header stay; the inverse gives the payload back bit for bit."""
+    original = sample_state_dict()
+    payload = encode_state_dict(original, metadata={"edge": "edge-1"})
+    planes = byte_planes(payload, name="edge-1")
+    assert len(planes) == len(payload) and planes != payload
+    assert byte_planes(planes, name="edge-1", inverse=True) == payload
+    header_length = int.from_bytes(payload[:8], "little")
+    assert planes[:8 + header_length] == payload[:8 + header_length]
+    start = 8 + header_length
+    import json
+
+    header = json.loads(payload[8:start])
+    for key, size in (("conv.weight", 4), ("half", 2), ("uint8", 1), ("mask", 1)):
+        begin, end = (start + offset for offset in header[key]["data_offsets"])
+        elements = original[key].reshape(-1).view(torch.uint8).reshape(-1, size)
+        assert planes[begin:end] == bytes(elements.T.contiguous().reshape(-1).tolist()), key
+
+
+def test_byte_planes_refuse_a_tensor_that_is_not_whole_elements():
+    payload = encode_state_dict({"w": torch.zeros(4)})
+    header_length = int.from_bytes(payload[:8], "little")
+    header = payload[8 : 8 + header_length].replace(b"[0,16]", b"[0,15]")
+    forged = len(header).to_bytes(8, "little") + header + payload[8 + header_length :]
+    with pytest.raises(WeightsError, match=r"from 'edge-f': tensor 'w' has data_offsets \[0, 15\], not whole F32"):
+        byte_planes(forged, name="edge-f", inverse=True)
 
 
 def test_shared_and_non_contiguous_tensors_are_encoded():

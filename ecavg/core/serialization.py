@@ -20,6 +20,7 @@ import struct
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as _safetensors_load
@@ -31,6 +32,7 @@ from ecavg.fileio import write_bytes_atomic
 
 __all__ = [
     "WeightsError",
+    "byte_planes",
     "decode_metadata",
     "decode_state_dict",
     "encode_state_dict",
@@ -54,6 +56,10 @@ _SAFETENSORS_DTYPES = frozenset({
     "BOOL", "U8", "I8", "I16", "U16", "I32", "U32", "I64", "U64",
     "F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E4M3FNUZ", "F8_E5M2", "F8_E5M2FNUZ", "C64",
 })
+# Bytes per element of each accepted dtype, for byte_planes.
+_ELEMENT_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E4M3FNUZ": 1, "F8_E5M2": 1, "F8_E5M2FNUZ": 1,
+                  "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4,
+                  "I64": 8, "U64": 8, "F64": 8, "C64": 8}
 # dtypes torch.aminmax reduces directly; other floating dtypes (float8) are widened to float32 for the check.
 _AMINMAX_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 # Read files in pieces of this size, so a size limit holds for files whose size stat() cannot tell.
@@ -190,6 +196,34 @@ def _read_header(data: bytes | bytearray | memoryview, source: str) -> dict:
         raise WeightsError(f"weights from {source}: not a valid safetensors payload (header is not a JSON object)")
     _check_header_entries(header, source)
     return header
+
+
+def byte_planes(data: bytes | bytearray | memoryview, *, name: str, inverse: bool = False) -> bytes:
+    """``data`` (safetensors) with each tensor of multi-byte elements stored as byte planes: the first byte of every
+    element, then every second byte, and so on (``inverse``: back to elements). Lossless, and a filter to apply
+    before deflate (HDF5's and Blosc's "shuffle"): the sign-and-exponent bytes of a tensor's float weights take few
+    values and compress well once together, while their low mantissa bytes are close to noise. The header, and
+    tensors of one-byte elements (int8 weights, uint8 images), are left as they are.
+
+    The header is checked as the decoder checks it; a tensor whose bytes lie outside ``data`` or are not a whole
+    number of its elements is refused (WeightsError naming ``name``)."""
+    source = repr(name)
+    header = _read_header(data, source)
+    start = _HEADER_LENGTH_BYTES + struct.unpack("<Q", bytes(data[:_HEADER_LENGTH_BYTES]))[0]
+    out = bytearray(data)
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        size = _ELEMENT_BYTES[entry["dtype"]]
+        begin, end = (start + offset for offset in entry["data_offsets"])
+        if size == 1 or begin == end:
+            continue
+        if end > len(data) or (end - begin) % size:
+            raise WeightsError(f"weights from {source}: tensor {key!r} has data_offsets {entry['data_offsets']}, "
+                               f"not whole {entry['dtype']} elements within the payload's {len(data)} bytes")
+        elements = np.frombuffer(data, np.uint8, count=end - begin, offset=begin)
+        out[begin:end] = elements.reshape((size, -1) if inverse else (-1, size)).T.tobytes()
+    return bytes(out)
 
 
 def decode_metadata(data: bytes | bytearray | memoryview, *, name: str = "payload") -> dict[str, str]:

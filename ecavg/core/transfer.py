@@ -15,8 +15,9 @@ Both runtimes apply exactly this (the embedded runtime encodes and decodes every
 loses what a deployment loses and counts the real bytes). ``fp32`` without a base sends the plain safetensors
 payload of earlier versions (no codec metadata), so the default reproduces earlier results and byte counts exactly.
 
-With ``transfer.deflate`` every payload is additionally compressed with zlib (DEFLATE, lossless): each weight
-payload after its codec, and the edges' training-data upload (``deploy.share_data = "full"``). What it gains
+With ``transfer.deflate`` every payload is additionally compressed with zlib (DEFLATE, lossless), each tensor's
+bytes first regrouped into byte planes (``ecavg.core.serialization.byte_planes``): each weight payload after its
+codec, and the edges' training-data upload (``deploy.share_data = "full"``). What it gains
 depends on the bytes (measured in docs/findings.md, "Real edge conditions"), it loses nothing, and the receiver
 inflates it with the size limit applied to the inflated bytes too (a small payload cannot inflate into an unbounded
 one).
@@ -37,7 +38,7 @@ from torch import Tensor
 
 from ecavg.core.codecs import Codec, codec
 from ecavg.core.records import StateDict
-from ecavg.core.serialization import decode_state_dict, encode_state_dict
+from ecavg.core.serialization import byte_planes, decode_state_dict, encode_state_dict
 from ecavg.errors import ConfigError, WeightsError
 
 
@@ -84,15 +85,18 @@ class Transfer:
         return self.pack(self.codec_for(base).encode(weights, base=base))
 
     def pack(self, payload: bytes) -> bytes:
-        """``payload`` as it crosses the wire: deflated with ``transfer.deflate``, else as it is."""
+        """``payload`` (safetensors) as it crosses the wire: with ``transfer.deflate``, its tensors as byte planes
+        (``byte_planes``), deflated; else as it is."""
         # Level 1: on weight payloads within 0.3% of level 6's size, and faster (measured on ResNet50 and
         # MobileNetV2 weights).
-        return zlib.compress(payload, 1) if self.deflate else payload
+        return zlib.compress(byte_planes(payload, name="payload"), 1) if self.deflate else payload
 
     def unpack(self, payload: bytes | bytearray | memoryview, *, max_bytes: int | None,
                name: str) -> bytes | bytearray | memoryview:
         """The bytes :meth:`pack` was given, from what crossed the wire (checked: see :func:`inflate`)."""
-        return inflate(payload, max_bytes=max_bytes, name=name) if self.deflate else payload
+        if not self.deflate:
+            return payload
+        return byte_planes(inflate(payload, max_bytes=max_bytes, name=name), name=name, inverse=True)
 
     def decode(self, payload: bytes | bytearray | memoryview, *, reference: Mapping[str, Tensor] | None,
                base: Mapping[str, Tensor] | None = None, max_bytes: int | None = None, name: str) -> StateDict:
