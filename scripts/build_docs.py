@@ -40,7 +40,8 @@ Directives (paths are relative to the repository root):
 ``{{acc RUN FIELD}}`` (inline)
     One accuracy in % (a RUN with ``*`` in it: the mean over the runs it matches), FIELD one of ``edge_before``,
     ``edge_after`` (means over edges), ``worst_edge_change`` (the least-gaining edge's after minus before),
-    ``server_averaged``, ``server_finetuned``; ``{{time RUN}}`` the run's total seconds, as minutes;
+    ``server_averaged``, ``server_finetuned``, ``edge_after_full`` (the edges' final models on the full test set,
+    mean over edges); ``{{time RUN}}`` the run's total seconds, as minutes;
     ``{{epoch_s RUN PHASE}}`` the median seconds of one epoch of PHASE (``pretrain``, ``finetune``,
     ``centralized``, ...).
 ``{{round RUN}}``, ``{{speedup RUN_A RUN_B}}`` (inline)
@@ -75,6 +76,9 @@ SOURCES = REPO_ROOT / "docs" / "src"
 OUTPUT_DIR = REPO_ROOT / "docs"
 
 FIELDS = ("edge_before", "edge_after", "worst_edge_change", "server_averaged", "server_finetuned")
+# Inline only: the edges' final models on the full test set (the server's test set), to set against
+# server_finetuned where the edges' copies differ from the server's model (a lossy transfer.codec).
+INLINE_FIELDS = (*FIELDS, "edge_after_full")
 FIELD_TITLES = {
     "edge_before": "edge acc. before update",
     "edge_after": "edge acc. after update",
@@ -105,7 +109,9 @@ def figures(results: dict[str, Any]) -> dict[str, float | None]:
     that gained least (negative: the update hurt that edge), which a mean over edges hides."""
     changes = [e["accuracy_after"] - e["accuracy_before"] for e in results["edges"]
                if e["accuracy_after"] is not None and e["accuracy_before"] is not None]
-    return {**run_summary(results), "worst_edge_change": min(changes) if changes else None}
+    full = [e["accuracy_after_full"] for e in results["edges"] if e.get("accuracy_after_full") is not None]
+    return {**run_summary(results), "worst_edge_change": min(changes) if changes else None,
+            "edge_after_full": statistics.fmean(full) if full else None}
 
 
 def duration(seconds: float) -> str:
@@ -477,8 +483,8 @@ def render_curve(args: list[str]) -> str:
 
 def field_value(run_arg: str, field: str) -> float:
     """FIELD of one run; a RUN with ``*`` (e.g. ``.../seed=*``) gives the mean over the runs it matches."""
-    if field not in FIELDS:
-        raise DocError(f"unknown field {field!r} (one of {', '.join(FIELDS)})")
+    if field not in INLINE_FIELDS:
+        raise DocError(f"unknown field {field!r} (one of {', '.join(INLINE_FIELDS)})")
     runs = sorted(REPO_ROOT.glob(run_arg)) if "*" in run_arg else [REPO_ROOT / run_arg]
     if not runs:
         raise DocError(f"no runs match {run_arg}")
