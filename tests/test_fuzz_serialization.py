@@ -24,6 +24,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ecavg.core.serialization import (
+    byte_planes,
     decode_metadata,
     decode_state_dict,
     encode_state_dict,
@@ -111,6 +112,7 @@ def check_decoded(tensors: dict[str, torch.Tensor], payload: bytearray) -> None:
 
 
 def decode(fuzz_tally, payload: bytes, **kwargs) -> dict[str, torch.Tensor] | None:
+    undo_byte_planes(fuzz_tally, payload)
     buffer = bytearray(payload)
     try:
         tensors = fuzz_tally.run("decoder", lambda: decode_state_dict(buffer, name="edge-f", **kwargs), WeightsError)
@@ -119,6 +121,17 @@ def decode(fuzz_tally, payload: bytes, **kwargs) -> dict[str, torch.Tensor] | No
         return None
     check_decoded(tensors, buffer)
     return tensors
+
+
+def undo_byte_planes(fuzz_tally, payload: bytes) -> None:
+    """transfer.deflate's receiver undoes the byte planes of the bytes it inflated before it decodes them: any bytes
+    give bytes of the same length or the documented error."""
+    try:
+        out = fuzz_tally.run("byte_planes", lambda: byte_planes(payload, name="edge-f", inverse=True), WeightsError)
+    except WeightsError as error:
+        assert "edge-f" in str(error) and "\n" not in str(error)
+        return
+    assert isinstance(out, bytes) and len(out) == len(payload)
 
 
 # -- encodings of real state dicts --------------------------------------------------------------------------
