@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 
@@ -69,8 +70,6 @@ def test_byte_planes_regroup_each_tensors_bytes_and_undo_it_exactly():
     header_length = int.from_bytes(payload[:8], "little")
     assert planes[:8 + header_length] == payload[:8 + header_length]
     start = 8 + header_length
-    import json
-
     header = json.loads(payload[8:start])
     for key, size in (("conv.weight", 4), ("half", 2), ("uint8", 1), ("mask", 1)):
         begin, end = (start + offset for offset in header[key]["data_offsets"])
