@@ -50,16 +50,13 @@ _MAX_HEADER_BYTES = 100_000_000
 _MAX_HEADER_DEPTH = 3
 _JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 _INNERMOST_JSON_CONTAINER = re.compile(r"\[[^\[\]{}]*\]|\{[^\[\]{}]*\}")
-# The safetensors dtype names this decoder accepts (the ones safetensors.torch maps to a torch dtype). Anything
-# else (F8_E8M0, F4, F6_*, a typo) is refused by name rather than left to the library's lookup table.
-_SAFETENSORS_DTYPES = frozenset({
-    "BOOL", "U8", "I8", "I16", "U16", "I32", "U32", "I64", "U64",
-    "F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E4M3FNUZ", "F8_E5M2", "F8_E5M2FNUZ", "C64",
-})
-# Bytes per element of each accepted dtype, for byte_planes.
+# The safetensors dtype names this decoder accepts (the ones safetensors.torch maps to a torch dtype), with the bytes
+# per element (for byte_planes). Anything else (F8_E8M0, F4, F6_*, a typo) is refused by name rather than left to
+# the library's lookup table.
 _ELEMENT_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E4M3FNUZ": 1, "F8_E5M2": 1, "F8_E5M2FNUZ": 1,
                   "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4,
                   "I64": 8, "U64": 8, "F64": 8, "C64": 8}
+_SAFETENSORS_DTYPES = frozenset(_ELEMENT_BYTES)
 # dtypes torch.aminmax reduces directly; other floating dtypes (float8) are widened to float32 for the check.
 _AMINMAX_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 # Read files in pieces of this size, so a size limit holds for files whose size stat() cannot tell.

@@ -59,10 +59,10 @@ class EmbeddedEdgePool(EdgePool):
     def evaluate(self, weights: Mapping[str, torch.Tensor], *, phase: str) -> Iterator[EdgeEvaluation]:
         download = self._links.download(weights)
         for edge in self._edges.values():
+            received = download.received(edge.name)
             needs_own = edge.update_mode is not None and edge.update_mode.needs_own_weights
             if needs_own and self._own_weights is not None:
                 edge.pretrained_weights = self._own_weights(edge.name)
-            received = download.received(edge.name)
             try:
                 evaluation = edge.update(received)
             finally:
