@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import re
 import statistics
 import sys
@@ -20,6 +19,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from ecavg.fileio import write_text_atomic
+from ecavg.host import host_info
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
@@ -34,29 +34,6 @@ DEFAULT_CACHE_DIR = Path(os.environ.get("ECAVG_BENCH_CACHE", Path.home() / ".cac
 # -------------------------------------------------------------------------------------------------
 # Machine probes
 # -------------------------------------------------------------------------------------------------
-
-
-def cpu_name() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or "unknown"
-    match = re.search(r"model name\s*:\s*(.+)", text)
-    return match.group(1).strip() if match else "unknown"
-
-
-def machine_info() -> dict[str, Any]:
-    return {
-        "cpu": cpu_name(),
-        "logical_cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        # Threading settings change CPU results a lot on a shared machine; record the ones in force.
-        "env": {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
-                                           "GOMP_SPINCOUNT", "MALLOC_MMAP_THRESHOLD_") if k in os.environ},
-    }
 
 
 def load_average() -> float:
@@ -189,6 +166,17 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def earlier_section(path: Path, name: str) -> dict[str, Any] | None:
+    """Section ``name`` of the results file at ``path`` as it is now (None if absent or unreadable)."""
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if document.get("schema") != SCHEMA_VERSION:
+        return None
+    return document.get("sections", {}).get(name)
+
+
 def write_results(sections: dict[str, Any], *, path: Path = LATEST, command: list[str] | None = None) -> Path:
     """Merge ``sections`` into the results file, replacing those sections and keeping the others.
 
@@ -207,11 +195,12 @@ def write_results(sections: dict[str, Any], *, path: Path = LATEST, command: lis
     merged_sections = dict(existing.get("sections", {}))
     stamp = now_iso()
     for name, body in sections.items():
-        merged_sections[name] = {"measured_at": stamp, "command": command or sys.argv, **body}
+        # Sections merged from different runs may come from different machines: each keeps its own.
+        merged_sections[name] = {"measured_at": stamp, "command": command or sys.argv, "machine": host_info(), **body}
     document = {
         "schema": SCHEMA_VERSION,
         "updated_at": stamp,
-        "machine": machine_info(),
+        "machine": host_info(),
         "sections": merged_sections,
     }
     write_text_atomic(path, json.dumps(document, indent=2, default=str) + "\n")

@@ -33,11 +33,12 @@ from bench.common import (
     DEFAULT_DATA_DIR,
     LATEST,
     RESULTS_DIR,
+    earlier_section,
     load_average,
-    machine_info,
     now_iso,
     write_results,
 )
+from ecavg.host import host_info
 
 SECTIONS = ("training", "aggregation", "transfer", "experiments", "e2e", "scale", "deploy-overhead", "time-to-accuracy")
 DEFAULT_SECTIONS = ("training", "aggregation", "transfer")
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     command = [Path(sys.executable).name, "bench/run.py", *(argv if argv is not None else sys.argv[1:])]
     sections = selected_sections(args)
-    print(f"bench: sections {', '.join(sections)} ({'quick' if args.quick else 'full'}); {json.dumps(machine_info())}")
+    print(f"bench: sections {', '.join(sections)} ({'quick' if args.quick else 'full'}); {json.dumps(host_info())}")
     started = time.perf_counter()
     for name in sections:
         section_started = time.perf_counter()
@@ -151,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else \
                 time_to_accuracy.DEFAULT_TASKS
             body = time_to_accuracy.run(args.data_dir, tasks, keep_runs=args.keep_runs)
+            body = time_to_accuracy.keep_other_tasks(body, earlier_section(args.output, "time_to_accuracy"))
         else:  # pragma: no cover - selected_sections validates names
             raise AssertionError(name)
         body = {**body, "seconds": time.perf_counter() - section_started,

@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from bench.common import REPO_ROOT, load_average, print_table
+from bench.common import REPO_ROOT, load_average, now_iso, print_table
+from ecavg.host import host_info
 
 # The paper's after-update edge accuracy per task, and the issue's wall-time goal on the 2-core CPU.
 TARGETS = {"cifar10_mobilenetv2": (0.8116, 12 * 60), "cifar100_resnet50": (0.5156, 40 * 60)}
@@ -44,7 +45,8 @@ def measure(task: str, strategy: str, data_dir: Path, out: Path, config_dir: Pat
     done = subprocess.run(command, cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
                           capture_output=True, text=True)
     seconds = time.perf_counter() - started
-    row: dict[str, Any] = {"task": task, "strategy": strategy, "exit_code": done.returncode, "seconds": seconds,
+    row: dict[str, Any] = {"task": task, "strategy": strategy, "measured_at": now_iso(), "machine": host_info(),
+                           "exit_code": done.returncode, "seconds": seconds,
                            "load_average_before": load_before, "load_average_after": load_average(),
                            "command": " ".join(["python", *command[1:]]), "target": target, "goal_seconds": goal_s}
     if done.returncode != 0:
@@ -113,3 +115,20 @@ def run(data_dir: Path, tasks: Sequence[str] = DEFAULT_TASKS, *, keep_runs: Path
             "ecavg_over_centralized_seconds": ecavg["seconds"] / central["seconds"],
         }
     return {"configs": {t: f"configs/fast/{t}.toml" for t in tasks}, "summary": summary, "runs": rows}
+
+
+def keep_other_tasks(body: dict[str, Any], earlier: dict[str, Any] | None) -> dict[str, Any]:
+    """``body`` with the tasks that an earlier run of this section measured and this one did not (a task's runs
+    take from twenty minutes to hours, so they are measured one task at a time). Each run row says when and on
+    which machine it was measured; rows of earlier runs that predate those fields get the earlier section's."""
+    if not earlier:
+        return body
+    measured = set(body["summary"])
+    stamp = {"measured_at": earlier.get("measured_at"), "machine": earlier.get("machine")}
+    kept_runs = [{**stamp, **row} for row in earlier.get("runs", []) if row.get("task") not in measured]
+    return {
+        **body,
+        "configs": {**{t: c for t, c in earlier.get("configs", {}).items() if t not in measured}, **body["configs"]},
+        "summary": {**{t: v for t, v in earlier.get("summary", {}).items() if t not in measured}, **body["summary"]},
+        "runs": kept_runs + body["runs"],
+    }

@@ -308,6 +308,14 @@ def run_title(results: Mapping[str, Any] | None, config: Mapping[str, Any], run_
     return f"{name} (unfinished)"
 
 
+def host_phrase(host: Any) -> str:
+    """The run's CPU, its kernels and PyTorch version: what its numbers depend on besides the config."""
+    if not isinstance(host, dict):
+        return ""  # results written before results.json recorded its host
+    return (f" ({esc(host.get('cpu', '?'))}, {esc(host.get('cpu_capability', '?'))} kernels, "
+            f"PyTorch {esc(host.get('torch', '?'))})")
+
+
 def run_page(run_dir: Path) -> Page:
     results, config, records = read_run(run_dir)
     if results is None and not records:
@@ -321,7 +329,8 @@ def run_page(run_dir: Path) -> Page:
                  f"(continue it with <code>ecavg run --resume {esc(run_dir)}</code>). Curves so far:</p>")
     else:
         page.add(f"<p>{results['num_edges']} edges, partition <code>{esc(results['partition'])}</code>, "
-                 f"runtime {esc(results.get('runtime', '-'))} on {esc(results.get('device', '-'))}.</p>")
+                 f"runtime {esc(results.get('runtime', '-'))} on {esc(results.get('device', '-'))}"
+                 f"{host_phrase(results.get('host'))}.</p>")
         page.add(summary(results))
         page.add("<h2>Accuracy</h2>" + edge_table(results["edges"]) + server_table(results["server"]))
         page.chart(accuracy_figure(results, edge_columns(results["edges"])[0]))

@@ -13,6 +13,7 @@ from ecavg.core.records import KEPT_AT_EDGE, SAME_AS_SERVER, Outcome
 from ecavg.core.serialization import save_state_dict
 from ecavg.fileio import atomic_path, write_text_atomic
 from ecavg.formatting import change_pp, percent
+from ecavg.host import host_info
 
 SCHEMA_VERSION = 1
 # accuracy.png: its width in inches (1.2 per edge below this) and how many edges at most are named on its axis.
@@ -34,6 +35,8 @@ def build_results(cfg: Mapping[str, Any], outcome: Outcome, *, runtime: str, dev
         "runtime": runtime,
         "device": device,
         "data_load_s": round(data_load_s, 3),
+        # The same config gives the same numbers only on the same kind of CPU with the same PyTorch (ecavg.host).
+        "host": host_info(),
         **extra,
         "config": cfg,
     }

@@ -34,7 +34,7 @@ INSTALL_HINT = "pip install 'ecavg[tracking]'"
 _DIR = Key("", string, "where the tracker writes; empty: <output>/tracking; a dir given is shared by runs")
 _EXPERIMENT = Key("", string, "MLflow experiment name; empty: the config's name, else 'ecavg'")
 # results.json entries that are not results.
-_NOT_RESULTS = {"config", "schema", "output_dir"}
+_NOT_RESULTS = {"config", "schema", "output_dir", "host"}
 
 
 def is_scalar(value: Any) -> bool:

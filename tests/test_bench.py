@@ -123,6 +123,8 @@ def test_results_file_merges_sections(tmp_path):
     assert document["sections"]["aggregation"]["x"] == 1
     assert document["sections"]["transfer"]["command"] == ["bench/run.py", "--quick"]
     assert "measured_at" in document["sections"]["aggregation"]
+    # Sections merged from different runs may come from different machines: each names its own.
+    assert document["sections"]["aggregation"]["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
 
 
 def test_section_selection():
@@ -224,6 +226,25 @@ def test_the_noop_floor_app_imports_flower_only_and_its_rows_subtract_the_floor(
     assert "deploy-overhead" in bench_run.SECTIONS
 
 
+def test_time_to_accuracy_keeps_the_tasks_an_earlier_run_measured():
+    """Tasks are measured one at a time (hours each): a run of one task keeps the other's figures, stamped."""
+    from bench import time_to_accuracy
+
+    def body(task, seconds):
+        return {"configs": {task: f"configs/fast/{task}.toml"}, "summary": {task: {"ecavg_seconds": seconds}},
+                "runs": [{"task": task, "strategy": "ecavg", "seconds": seconds}]}
+
+    earlier = {**body("cifar10_mobilenetv2", 700.0), "measured_at": "then", "machine": {"cpu": "A"}}
+    earlier["runs"].append({"task": "cifar100_resnet50", "strategy": "ecavg", "seconds": 1.0})  # replaced below
+    merged = time_to_accuracy.keep_other_tasks(body("cifar100_resnet50", 2000.0), earlier)
+    assert set(merged["summary"]) == set(merged["configs"]) == {"cifar10_mobilenetv2", "cifar100_resnet50"}
+    assert merged["summary"]["cifar100_resnet50"]["ecavg_seconds"] == 2000.0
+    assert [(r["task"], r["seconds"], r.get("measured_at")) for r in merged["runs"]] == [
+        ("cifar10_mobilenetv2", 700.0, "then"), ("cifar100_resnet50", 2000.0, None)]
+    assert merged["runs"][0]["machine"] == {"cpu": "A"}
+    assert time_to_accuracy.keep_other_tasks(body("cifar10_mobilenetv2", 1.0), None)["runs"][0]["seconds"] == 1.0
+
+
 @pytest.mark.slow
 def test_time_to_accuracy_times_the_fast_config_and_its_centralized_baseline(tmp_path, monkeypatch):
     """Both runs in fresh processes, judged by their worst edge; kept where --keep-runs says."""
@@ -245,6 +266,7 @@ def test_time_to_accuracy_times_the_fast_config_and_its_centralized_baseline(tmp
         assert row["reached"] and row["within_goal"] and row["seconds_to_target"] == row["seconds"] > 0
         assert row["worst_edge_accuracy_after"] == min(row["edges_accuracy_after"])
         assert row["server_samples_per_s"] > 0
+        assert row["machine"]["torch"] == torch.__version__ and row["measured_at"]
         assert (tmp_path / "kept" / "cifar10_mobilenetv2" / "fast" / f"strategy={strategy}" / "results.json").exists()
     assert rows["centralized"]["timing_s"]["pretrain"] == 0
     summary = body["summary"]["cifar10_mobilenetv2"]

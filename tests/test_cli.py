@@ -66,6 +66,9 @@ def test_cli_quickstart_end_to_end(tmp_path, capsys):
         assert e["accuracy_before"] > 0.5
     assert results["server"]["accuracy_finetuned"] > 0.8
     assert results["bytes"]["uplink"] > 0 and results["bytes"]["downlink"] > 0
+    # What the numbers depend on besides the config: the CPU's kernels and PyTorch (bit-for-bit only on the same).
+    assert results["host"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert results["host"]["torch"] == torch.__version__
     for name in ("results.md", "accuracy.png", "metrics.jsonl", "server.safetensors", "edge-0.safetensors",
                  "edge-1.safetensors"):
         assert (out / name).stat().st_size > 0, name

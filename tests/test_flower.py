@@ -521,6 +521,23 @@ def test_the_hello_exchange_waits_connect_timeout_not_the_round_timeout(task_ide
     assert "SuperNode 2 did not answer query.hello within 1.5 s" in pool.missing["edge-1"]
 
 
+def test_each_edge_reports_its_host_and_a_malformed_one_keeps_it_out(task_identity):
+    def with_host(partition_id, host_text):
+        def answer(message):
+            content = _scripted_edge(partition_id)(message)
+            if message.metadata.message_type == wire.HELLO:
+                content[wire.REPORT]["host"] = host_text
+            return content
+        return answer
+
+    host = {"cpu": "Edge CPU", "cpu_capability": "AVX2", "torch": "2.14.1"}
+    grid = ScriptedGrid({1: with_host(0, json.dumps(host)), 2: with_host(1, "[1, 2]")})
+    pool = _pool(grid, num_edges=2, min_edges=1)
+    pool.connect()
+    assert pool.hosts == {"edge-0": host}
+    assert "node 2: 'host' must be a JSON object" in pool.missing["edge-1"]
+
+
 def test_a_push_the_superlink_refuses_drops_every_edge_it_carried(task_identity):
     class RefusingGrid(ScriptedGrid):
         def push_messages(self, messages):
@@ -788,6 +805,7 @@ def test_an_edge_with_its_own_image_folder(tmp_path, task_identity, monkeypatch)
     served = _serve_in_process(tmp_path, _quick_config(), node_configs={
         10: {"partition-id": 0}, 11: {"partition-id": 1, "dataset": f"imagefolder:{folder}"}})
     assert served["deploy"]["edge_data"] == {"edge-0": "partition", "edge-1": "own"}
+    assert served["deploy"]["edge_hosts"]["edge-1"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     edges = {e["name"]: e for e in served["edges"]}
     assert (edges["edge-1"]["train_samples"], edges["edge-1"]["test_samples"]) == (120, 40)
     assert edges["edge-1"]["accuracy_after"] is not None

@@ -101,8 +101,10 @@ def test_run_page_shows_extra_edge_measures_and_every_phase(tmp_path):
     # The full-test-set figures a personalised update reports beside the own-test-data ones (issue 13).
     for i, edge in enumerate(results["edges"]):
         edge.update(accuracy_before_full=0.4 + i / 100, accuracy_after_full=0.6, kept="server")
+    results["host"] = {"cpu": "Some <CPU>", "cpu_capability": "AVX512", "torch": "2.14.1"}
     (run / "results.json").write_text(json.dumps(results))
     page = write_report(run).read_text()
+    assert "(Some &lt;CPU&gt;, AVX512 kernels, PyTorch 2.14.1)" in page
     assert "before (full test set)" in page and "change (full test set)" in page and "<th>kept</th>" in page
     rows = table_rows(page, "edges")
     assert len(rows) == 2 and "+20.00 pp" in rows[0] and "+19.00 pp" in rows[1]

@@ -43,6 +43,7 @@ from ecavg.core.transfer import Transfer
 from ecavg.core.update import make_update_mode, validation_split
 from ecavg.data import load_dataset
 from ecavg.errors import DataError, EdgeSetupError
+from ecavg.host import host_info
 from ecavg.runtime.setup import build_participants, server_share
 
 log = logging.getLogger("ecavg")
@@ -208,7 +209,7 @@ def hello(message: Message, context: Context) -> Message:
     content = RecordDict({
         wire.METRICS: MetricRecord({"partition-id": w.index, "train-samples": len(w.train_data),
                                     "test-samples": len(w.test_data)}),
-        wire.REPORT: wire.config_record(mode=edge.mode, name=w.name),
+        wire.REPORT: wire.config_record(mode=edge.mode, name=w.name, host=json.dumps(host_info())),
     })
     return Message(content, reply_to=message)
 

@@ -105,6 +105,7 @@ class FlowerEdgePool(EdgePool):
         self._links = EdgeLinks(transfer)  # the [transfer] codec, and each edge's last upload (delta bases)
         self.nodes: dict[str, int] = {}
         self.modes: dict[str, str] = {}
+        self.hosts: dict[str, dict[str, Any]] = {}
         self.missing: dict[str, str] = {}
         self._sizes: dict[str, tuple[int, int]] = {}
         self._data: dict[str, wire.TrainData] = {}
@@ -263,6 +264,7 @@ class FlowerEdgePool(EdgePool):
             log.info("%s is SuperNode %d", name, node)  # `flwr supernode ls` shows node ids only
             self.nodes[name] = node
             self.modes[name] = identity.mode
+            self.hosts[name] = identity.host
             self._sizes[name] = (identity.train_samples, identity.test_samples)
         problems += [f"SuperNode {node_of[label]} did not answer {wire.HELLO} within {timeout:g} s"
                      for label in hello if label not in answered]
@@ -483,6 +485,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], *, log_to_output: bool
             extra_results=lambda: {"missing_edges": dict(pool.missing), "deploy": {
                 **settings.to_dict(),
                 "edge_data": dict(pool.modes),
+                "edge_hosts": dict(pool.hosts),
                 "data_bytes_up": pool.data_bytes_up,
                 "phase_wall_s": {k: round(v, 3) for k, v in pool.phase_seconds.items()},
                 "reply_s": pool.reply_seconds,

@@ -352,6 +352,7 @@ class EdgeIdentity:
     train_samples: int
     test_samples: int
     mode: str  # "partition" (a share of the run's dataset) or "own" (the edge's own dataset)
+    host: dict[str, Any]  # the edge's CPU and versions (ecavg.host): what its training's numbers depend on
 
 
 @_reply_parser
@@ -367,8 +368,11 @@ def parse_hello_reply(reply: Message, *, node_id: int, num_edges: int) -> EdgeId
     mode = report.get("mode")
     if mode not in ("partition", "own"):
         raise EdgeReplyError(f"{source}: unknown data mode {mode!r}")
+    host = _json_text(report, "host", "{}", source)
+    if not isinstance(host, dict):
+        raise EdgeReplyError(f"{source}: 'host' must be a JSON object")
     return EdgeIdentity(partition_id, _count(metrics, "train-samples", source, minimum=1),
-                        _count(metrics, "test-samples", source, minimum=0), mode)
+                        _count(metrics, "test-samples", source, minimum=0), mode, host)
 
 
 # ---------------------------------------------------------------------------------------------------
