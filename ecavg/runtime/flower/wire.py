@@ -10,7 +10,7 @@ bit-exact, and that nothing received is ever unpickled. Scalars travel in ``Metr
 Message types (Flower accepts ``<train|evaluate|query>.<action>``):
 
 =====================  =========================================================================
-``query.hello``        which edge a SuperNode is (partition id, sample counts, data spec check)
+``query.hello``        which edge a SuperNode is (partition id, sample counts, data spec check, its host)
 ``query.data``         the edge's training tensors, for the server (``share_data = "full"``)
 ``train.pretrain``     train from the sent weights (or the edge's own init); reply with weights
 ``train.fedavg``       the same for one FedAvg round (the phase name is in the config record)
