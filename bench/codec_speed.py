@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
+import json
 import sys
 from functools import partial
 from pathlib import Path
@@ -30,6 +30,7 @@ from bench.common import best_time, load_average, print_table
 from ecavg.core.codecs import CODECS, codec
 from ecavg.core.transfer import Transfer
 from ecavg.formatting import transfer_label
+from ecavg.host import host_info
 from ecavg.models import build_model
 
 # (model, dataset, classes, input channels, image size)
@@ -77,8 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
-          f"load average before: {load_average():.2f}")
+    print(f"{json.dumps(host_info())}, load average before: {load_average():.2f}")
     rows = measure(args.repeats)
     print_table(
         f"Transfer codecs: payload and time per state dict (best of {args.repeats})",

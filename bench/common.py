@@ -166,15 +166,18 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def earlier_section(path: Path, name: str) -> dict[str, Any] | None:
-    """Section ``name`` of the results file at ``path`` as it is now (None if absent or unreadable)."""
+def _existing_sections(path: Path) -> dict[str, Any]:
+    """The sections of the results file at ``path`` ({} if it is absent, unreadable or of another schema)."""
     try:
         document = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
-        return None
-    if document.get("schema") != SCHEMA_VERSION:
-        return None
-    return document.get("sections", {}).get(name)
+        return {}
+    return document.get("sections", {}) if document.get("schema") == SCHEMA_VERSION else {}
+
+
+def earlier_section(path: Path, name: str) -> dict[str, Any] | None:
+    """Section ``name`` of the results file at ``path`` as it is now (None if absent or unreadable)."""
+    return _existing_sections(path).get(name)
 
 
 def write_results(sections: dict[str, Any], *, path: Path = LATEST, command: list[str] | None = None) -> Path:
@@ -184,23 +187,16 @@ def write_results(sections: dict[str, Any], *, path: Path = LATEST, command: lis
     for one run; ratios only ever compare numbers inside one section.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    existing: dict[str, Any] = {}
-    if path.exists():
-        try:
-            existing = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            existing = {}
-    if existing.get("schema") != SCHEMA_VERSION:
-        existing = {}
-    merged_sections = dict(existing.get("sections", {}))
+    merged_sections = dict(_existing_sections(path))
     stamp = now_iso()
+    machine = host_info()
     for name, body in sections.items():
         # Sections merged from different runs may come from different machines: each keeps its own.
-        merged_sections[name] = {"measured_at": stamp, "command": command or sys.argv, "machine": host_info(), **body}
+        merged_sections[name] = {"measured_at": stamp, "command": command or sys.argv, "machine": machine, **body}
     document = {
         "schema": SCHEMA_VERSION,
         "updated_at": stamp,
-        "machine": host_info(),
+        "machine": machine,
         "sections": merged_sections,
     }
     write_text_atomic(path, json.dumps(document, indent=2, default=str) + "\n")
