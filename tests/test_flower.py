@@ -324,8 +324,10 @@ def test_deploy_settings_are_checked():
         resolve_config({"deploy": {"min_edges": 3}})
     none = deploy_settings({"share_data": "none"})
     assert "one-shot FedAvg" in check_data_policy(resolve_config({}), none)
-    with pytest.raises(ConfigError, match='init = "warmup" trains on the server'):
+    with pytest.raises(ConfigError, match='init = "warmup" uses the server\'s data'):
         check_data_policy(resolve_config({"init": "warmup"}), none)
+    with pytest.raises(ConfigError, match='aggregation = "match_activations" uses the server\'s data'):
+        check_data_policy(resolve_config({"aggregation": "match_activations"}), none)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -728,6 +730,16 @@ def test_every_strategy_runs_over_the_flower_pool_as_embedded(tmp_path, task_ide
     # Only a run that trains on the server collects the edges' data.
     assert (served["deploy"]["data_bytes_up"] > 0) == (strategy == "centralized")
 
+
+@pytest.mark.slow
+def test_activation_matching_over_the_flower_pool_as_embedded(tmp_path, task_identity):
+    """aggregation = "match_activations" reads the server's data in the aggregate step: a deployment collects the
+    edges' data for it, and gets the embedded run's figures."""
+    user = _quick_config(shared_init=False, aggregation="match_activations", matching={"samples": 300})
+    served = _serve_in_process(tmp_path, user)
+    embedded = run_experiment(resolve_config(user), output_dir=tmp_path / "embedded")
+    assert _accuracies(served) == _accuracies(embedded)
+    assert served["deploy"]["data_bytes_up"] > 0
 
 @pytest.mark.slow
 def test_share_data_none_without_server_data_is_a_one_shot_fedavg(tmp_path, task_identity):

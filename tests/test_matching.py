@@ -1,5 +1,6 @@
-"""Weight matching (ecavg.core.matching): permutation specs keep the function, matching undoes a permutation,
-unknown models are refused, and on independently initialised MNIST MLPs the matched average beats the plain one."""
+"""Weight and activation matching (ecavg.core.matching): permutation specs keep the function, both matchings undo a
+permutation, unknown models are refused, and on independently initialised MNIST MLPs the matched average beats the
+plain one."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import pytest
 import torch
 
 from ecavg.core import (
+    activation_producers,
     align_to_reference,
     average_state_dicts,
+    match_activations,
     match_weights,
     permutation_spec,
     permute_state_dict,
@@ -177,6 +180,67 @@ def test_bad_permutations_are_refused():
         permute_state_dict(spec, state, {})
     with pytest.raises(AggregationError, match="not a permutation"):
         permute_state_dict(spec, state, {"hidden": torch.tensor([0, 0, 1])})
+
+
+@pytest.mark.parametrize(("name", "options", "in_channels", "image_size"), MATCH_CASES, ids=CASE_IDS)
+def test_activation_matching_recovers_a_permuted_copy_exactly(name, options, in_channels, image_size):
+    model = _model_with_distinct_norms(name, options, in_channels, image_size, seed=3)
+    spec = permutation_spec(name, model)
+    original = _snapshot(model)
+    permuted = permute_state_dict(spec, original, _random_permutations(spec, seed=4))
+    other = _model_with_distinct_norms(name, options, in_channels, image_size, seed=9)
+    other.load_state_dict(permuted)
+    # 64 images: with 16, a few of ResNet18's last-stage units (1x1 positions at this image size) are constant over
+    # the batch, and a constant unit correlates with nothing, so nothing says where it belongs.
+    generator = torch.Generator().manual_seed(6)
+    batches = [torch.randn(32, in_channels, image_size, image_size, generator=generator) for _ in range(2)]
+
+    perms = match_activations(spec, model, other, batches)
+    assert perms.keys() == spec.sizes.keys()
+    recovered = permute_state_dict(spec, permuted, perms)
+    for key in original:
+        assert torch.equal(recovered[key], original[key]), key
+    assert not model.training and not other.training  # modes restored (both were in eval mode)
+    assert not model._forward_hooks and all(not m._forward_hooks for m in other.modules())  # hooks removed
+
+
+def test_activation_matching_places_units_that_never_vary_by_their_weights():
+    # Three hidden units with zero input weights output their bias whatever the image: their correlation with every
+    # unit is 0, so only their weights (bias, next layer's column) say which is which.
+    torch.manual_seed(0)
+    model = build_model("mlp", num_classes=10, in_channels=1, image_size=4, options={"hidden": 12}).eval()
+    spec = permutation_spec("mlp", model)
+    hidden = next(name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear))
+    with torch.no_grad():
+        dict(model.named_modules())[hidden].weight[:3] = 0.0
+    original = _snapshot(model)
+    permuted = permute_state_dict(spec, original, _random_permutations(spec, seed=1))
+    other = build_model("mlp", num_classes=10, in_channels=1, image_size=4, options={"hidden": 12}).eval()
+    other.load_state_dict(permuted)
+    images = torch.randn(32, 1, 4, 4, generator=torch.Generator().manual_seed(2))
+    perms = match_activations(spec, model, other, [images])
+    recovered = permute_state_dict(spec, permuted, perms)
+    for key in original:
+        assert torch.equal(recovered[key], original[key]), key
+
+
+def test_activation_producers_are_a_groups_norm_layers_or_else_its_layers():
+    resnet = build_model("resnet18", num_classes=10, in_channels=3, image_size=32, options={"cifar_stem": True})
+    producers = activation_producers(permutation_spec("resnet18", resnet), resnet)
+    stream = next(names for names in producers.values() if "bn1" in names)
+    # The first stage's stream: the stem's norm and each of its two blocks' last norm (no downsample there).
+    assert stream == ("bn1", "layer1.0.bn2", "layer1.1.bn2")
+    assert any(names == ("layer2.0.bn2", "layer2.0.downsample.1", "layer2.1.bn2") for names in producers.values())
+    mlp = build_model("mlp", num_classes=10, in_channels=1, image_size=28, options={"hidden": 8})
+    mlp_producers = activation_producers(permutation_spec("mlp", mlp), mlp)
+    assert len(mlp_producers) == 1 and all(isinstance(dict(mlp.named_modules())[n], torch.nn.Linear)
+                                           for names in mlp_producers.values() for n in names)
+
+
+def test_activation_matching_needs_inputs():
+    model = build_model("mlp", num_classes=10, in_channels=1, image_size=28, options={"hidden": 8})
+    with pytest.raises(AggregationError, match="at least one batch"):
+        match_activations(permutation_spec("mlp", model), model, model, [])
 
 
 def test_reference_is_the_edge_with_most_samples_ties_to_the_first():

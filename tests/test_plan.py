@@ -230,6 +230,26 @@ def test_data_upload_bytes_match_the_wire_format(quickstart):
     assert sum(deflated) < 0.5 * sum(sizes)
 
 
+def test_the_aggregate_step_counts_the_forward_passes_of_recalibration_and_activation_matching(quickstart):
+    from ecavg.plan.inputs import plan_inputs
+    from ecavg.plan.model import ComputeRates
+
+    cfg, participants = quickstart
+    rates = ComputeRates(edge_train_s=1e-3, server_train_s=1e-3, update_train_s=1e-3, eval_s=1e-4)
+
+    def forward(**top) -> int:
+        return plan_inputs({**cfg, **top}, participants, rates, data_dir=None, links={},
+                           cpu_shares={}).aggregate_forward_samples
+
+    union = len(participants.union)
+    assert forward() == 0
+    # The MLP has no BatchNorm: recalibration runs nothing. Two edges: the reference and the other, once each.
+    assert forward(bn_recalibration=True) == 0
+    assert forward(aggregation="match_activations", matching={"samples": 1000}) == 2 * 1000
+    assert forward(aggregation="match_activations", matching={"samples": 10 * union}) == 2 * union
+    assert forward(aggregation="match") == 0
+
+
 def fake_run(tmp_path: Path, cfg: dict, *, edge_rate: float = 4000.0, aggregate_s: float = 0.1) -> Path:
     run = tmp_path / "run"
     run.mkdir()

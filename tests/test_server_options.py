@@ -1,4 +1,5 @@
-"""The server-side options (ECAvg+): aggregation = "match", server.objective = "distill", server_data_fraction."""
+"""The server-side options (ECAvg+): aggregation = "match" and "match_activations", server.objective = "distill",
+server_data_fraction."""
 
 
 import pytest
@@ -32,9 +33,39 @@ def test_matched_average_beats_the_plain_one_from_independent_inits(tmp_path):
     assert matched["server"]["accuracy_averaged"] > plain["server"]["accuracy_averaged"] + 0.01
 
 
-def test_match_refuses_a_model_it_cannot_permute():
-    with pytest.raises(ConfigError, match="aggregation = \"match\".*shufflenet"):
-        resolve_config({"aggregation": "match", "model": {"name": "shufflenet_v2_x0_5"}})
+def test_activation_matching_beats_the_plain_average_and_reads_only_its_share_of_images(tmp_path, monkeypatch):
+    from ecavg.core import aggregation
+
+    seen = []
+    real = aggregation.match_activations
+
+    def spy(spec, reference, other, batches):
+        batches = list(batches)
+        seen.append(sum(len(b) for b in batches))
+        return real(spec, reference, other, batches)
+
+    monkeypatch.setattr(aggregation, "match_activations", spy)
+    plain = run_experiment(quick(shared_init=False), output_dir=tmp_path / "plain")
+    matched = run_experiment(quick(shared_init=False, aggregation="match_activations", matching={"samples": 500}),
+                             output_dir=tmp_path / "match")
+    assert [e["accuracy_before"] for e in plain["edges"]] == [e["accuracy_before"] for e in matched["edges"]]
+    assert matched["server"]["accuracy_averaged"] > plain["server"]["accuracy_averaged"] + 0.01
+    assert seen == [500]  # one edge matched to the reference, on 500 of the server's images
+
+
+@pytest.mark.parametrize("aggregation", ["match", "match_activations"])
+def test_matching_refuses_a_model_it_cannot_permute(aggregation):
+    with pytest.raises(ConfigError, match=f"aggregation = \"{aggregation}\".*shufflenet"):
+        resolve_config({"aggregation": aggregation, "model": {"name": "shufflenet_v2_x0_5"}})
+
+
+def test_activation_matching_needs_server_data():
+    with pytest.raises(ConfigError, match="strategy = \"fedavg\" gives the server none"):
+        resolve_config({"aggregation": "match_activations", "strategy": "fedavg"})
+    with pytest.raises(ConfigError, match="server_data_fraction = 0 .* aggregation = \"match_activations\" uses it"):
+        resolve_config({"aggregation": "match_activations", "server_data_fraction": 0})
+    with pytest.raises(ConfigError, match="matching.samples"):
+        resolve_config({"aggregation": "match_activations", "matching": {"samples": 0}})
 
 
 def test_distillation_reports_its_teacher_and_trains_with_the_kl_term(tmp_path, monkeypatch):

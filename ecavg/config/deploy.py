@@ -103,18 +103,10 @@ def deploy_settings(section: Mapping[str, Any] | None, *, num_edges: int | None 
     )
 
 
-def server_training_needs_edge_data(cfg: Mapping[str, Any]) -> bool:
-    """Whether this run trains on the server at all (and so, with share_data = "full", needs the edges' data)."""
-    from ecavg.core.strategies import STRATEGIES
-
-    return (STRATEGIES.get(cfg["strategy"]).server_training != "none"
-            or (cfg["init"] == "warmup" and cfg["warmup"]["epochs"] > 0) or bool(cfg["bn_recalibration"]))
-
-
-def check_data_policy(cfg: Mapping[str, Any], settings: DeploySettings) -> str | None:
-    """Raise ConfigError for runs the policy cannot serve; return a note when fine-tuning will be skipped."""
-    if settings.share_data == "full" or settings.server_data:
-        return None
+def server_data_needs(cfg: Mapping[str, Any]) -> list[str]:
+    """What in this run reads the server's data besides an optional fine-tuning, as config phrases (for errors
+    that refuse a run without server data); empty when nothing does."""
+    from ecavg.core.aggregation import AGGREGATORS
     from ecavg.core.strategies import STRATEGIES
 
     strategy = STRATEGIES.get(cfg["strategy"])
@@ -125,9 +117,29 @@ def check_data_policy(cfg: Mapping[str, Any], settings: DeploySettings) -> str |
         needs.append('init = "warmup"')
     if cfg["bn_recalibration"]:
         needs.append("bn_recalibration = true")
+    if strategy.aggregates and AGGREGATORS.get(cfg["aggregation"]).needs_server_data:
+        needs.append(f'aggregation = "{cfg["aggregation"]}"')
+    return needs
+
+
+def server_training_needs_edge_data(cfg: Mapping[str, Any]) -> bool:
+    """Whether this run uses data on the server at all (and so, with share_data = "full", needs the edges')."""
+    from ecavg.core.strategies import STRATEGIES
+
+    return STRATEGIES.get(cfg["strategy"]).server_training != "none" or bool(server_data_needs(cfg))
+
+
+def check_data_policy(cfg: Mapping[str, Any], settings: DeploySettings) -> str | None:
+    """Raise ConfigError for runs the policy cannot serve; return a note when fine-tuning will be skipped."""
+    if settings.share_data == "full" or settings.server_data:
+        return None
+    from ecavg.core.strategies import STRATEGIES
+
+    strategy = STRATEGIES.get(cfg["strategy"])
+    needs = server_data_needs(cfg)
     if needs:
         raise ConfigError(
-            f"{' and '.join(needs)} trains on the server, but {SECTION}.share_data = \"none\" gives it no data; "
+            f"{' and '.join(needs)} uses the server's data, but {SECTION}.share_data = \"none\" gives it none; "
             f"set {SECTION}.server_data to a dataset of the server's own or use {SECTION}.share_data = \"full\""
         )
     if strategy.server_training == "optional":

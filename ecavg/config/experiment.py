@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping
 import tomli_w
 
 from ecavg.config.checks import boolean, choice, int_at_least, is_number, number_in, string
-from ecavg.config.deploy import deploy_settings
+from ecavg.config.deploy import deploy_settings, server_data_needs
 from ecavg.errors import ConfigError
 
 try:  # Python 3.11+
@@ -230,21 +230,24 @@ def _check_consistency(cfg: dict[str, Any]) -> None:
     if OBJECTIVES.get(cfg["server"]["objective"]).needs_edge_models and not strategy_of(cfg).edge_models:
         raise ConfigError(f"server.objective = \"{cfg['server']['objective']}\" learns from the edges' models, but "
                           f"strategy = \"{cfg['strategy']}\" has none; use strategy = \"ecavg\" or objective \"ce\"")
-    if cfg["aggregation"] == "match":
+    from ecavg.core.aggregation import AGGREGATORS
+
+    aggregator = AGGREGATORS.get(cfg["aggregation"])
+    if aggregator.permutes_units:
         from ecavg.core.permutation_specs import MATCHABLE_MODELS
 
         if cfg["model"]["name"] not in MATCHABLE_MODELS:
-            raise ConfigError(f"aggregation = \"match\" knows how to permute {', '.join(MATCHABLE_MODELS)}; "
-                              f"model.name = \"{cfg['model']['name']}\" is not one of them "
-                              "(use aggregation = \"average\")")
+            raise ConfigError(f"aggregation = \"{cfg['aggregation']}\" knows how to permute "
+                              f"{', '.join(MATCHABLE_MODELS)}; model.name = \"{cfg['model']['name']}\" is not one of "
+                              "them (use aggregation = \"average\")")
+    if aggregator.needs_server_data and strategy_of(cfg).aggregates and strategy_of(cfg).server_training == "none":
+        raise ConfigError(f"aggregation = \"{cfg['aggregation']}\" compares the edges' models on the server's data, "
+                          f"but strategy = \"{cfg['strategy']}\" gives the server none; use aggregation = \"match\"")
     if cfg["server_data_fraction"] == 0:
-        needs = [what for what, on in (
-            (f'strategy = "{cfg["strategy"]}"', strategy_of(cfg).server_training == "required"),
-            ('init = "warmup"', cfg["init"] == "warmup" and cfg["warmup"]["epochs"] > 0),
-            ("bn_recalibration = true", cfg["bn_recalibration"])) if on]
+        needs = server_data_needs(cfg)
         if needs:
-            raise ConfigError(f"server_data_fraction = 0 gives the server no data, but {' and '.join(needs)} trains "
-                              "on it; use a fraction > 0")
+            raise ConfigError(f"server_data_fraction = 0 gives the server no data, but {' and '.join(needs)} uses "
+                              "it; use a fraction > 0")
     if not cfg["model"].get("name"):
         raise ConfigError("model.name must name a model")
     from ecavg.models import MODELS

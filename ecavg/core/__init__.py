@@ -7,7 +7,9 @@ from ecavg.core.averaging import (
 )
 from ecavg.core.codecs import CODECS, Codec, codec
 from ecavg.core.matching import (
+    activation_producers,
     align_to_reference,
+    match_activations,
     match_weights,
     permute_state_dict,
     reference_index,
@@ -36,12 +38,14 @@ __all__ = [
     "PermutationSpec",
     "StreamingAverager",
     "WeightsError",
+    "activation_producers",
     "align_to_reference",
     "average_state_dicts",
     "decode_metadata",
     "decode_state_dict",
     "encode_state_dict",
     "load_state_dict",
+    "match_activations",
     "match_weights",
     "permutation_spec",
     "permute_state_dict",

@@ -8,10 +8,15 @@ networks' weights. The joint problem is NP-hard; it is solved one permutation gr
 assignment, ``scipy.optimize.linear_sum_assignment``, with the other groups held fixed), visiting the groups
 in a seeded random order, until a whole sweep changes no group.
 
+Activation matching (the same paper, section 3.1; REPAIR, Jordan et al., arXiv 2211.08403, matches ResNets
+this way) compares what the units compute instead: both networks run on the same server images, and each group's
+assignment maximises the summed correlation of paired units' outputs. A network's activations do not depend on
+how the other groups are ordered, so every group is solved once, independently, with no sweeps.
+
 Which axes a group permutes comes from :mod:`ecavg.core.permutation_specs`. The usual flow on the server::
 
     spec = permutation_spec(model_name, build_model(model_name, ...))
-    aligned = align_to_reference(state_dicts, sample_counts, spec)
+    aligned = align_to_reference(state_dicts, sample_counts, spec)      # or match=... for activations
     averaged = average_state_dicts(aligned, sample_counts)
 
 BatchNorm running statistics are permuted with their channels, but after averaging they no longer describe
@@ -22,18 +27,21 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ecavg.core.permutation_specs import PermutationSpec
 from ecavg.errors import AggregationError
 
-__all__ = ["align_to_reference", "match_weights", "permute_state_dict", "reference_index"]
+__all__ = ["activation_producers", "align_to_reference", "match_activations", "match_weights", "permute_state_dict",
+           "reference_index"]
 
 Permutations = dict[str, Tensor]
+# How a matcher is called: (reference state dict, other state dict) -> permutations for the other.
+Matcher = Callable[[Mapping[str, Tensor], Mapping[str, Tensor]], Permutations]
 
 
 def _check_permutations(spec: PermutationSpec, perms: Mapping[str, Tensor]) -> None:
@@ -214,23 +222,142 @@ def reference_index(weights: Sequence[float]) -> int:
     return max(range(len(values)), key=lambda index: values[index])
 
 
+def activation_producers(spec: PermutationSpec, model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """Per permutation group, the modules whose outputs are that group's units.
+
+    A group's BatchNorm layers where it has any (the normalised outputs of every layer writing to it: for a
+    residual stream, the stem's and each block's last norm and the downsample's), otherwise its Linear and Conv
+    layers whose output axis it permutes (the MLP's hidden layer). Raises AggregationError for a group with none.
+    """
+    norms: dict[str, list[str]] = {group: [] for group in spec.sizes}
+    layers: dict[str, list[str]] = {group: [] for group in spec.sizes}
+    for name, module in model.named_modules():
+        axes = spec.axes.get(f"{name}.weight")
+        if not axes or axes[0] is None:
+            continue
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            norms[axes[0]].append(name)
+        elif isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+            layers[axes[0]].append(name)
+    producers = {group: tuple(norms[group] or layers[group]) for group in spec.sizes}
+    missing = [group for group, names in producers.items() if not names]
+    if missing:
+        raise AggregationError(f"activation matching: no layer of model {spec.model_name!r} outputs the units of "
+                               f"group(s) {', '.join(repr(g) for g in missing[:5])}")
+    return producers
+
+
+class _CrossMoments:
+    """Running sums over rows (samples x positions) of two layers' outputs, for their channels' correlations."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.sums: list[Tensor] = []  # sum a, sum b, sum a^2, sum b^2 (per channel), sum a b^T (channel x channel)
+
+    def add(self, a: Tensor, b: Tensor) -> None:
+        # (N, C, ...) -> (rows, C); float64: sums over hundreds of thousands of rows, then differences of them.
+        a = a.detach().movedim(1, -1).reshape(-1, a.shape[1]).double()
+        b = b.detach().movedim(1, -1).reshape(-1, b.shape[1]).double()
+        batch = [a.sum(0), b.sum(0), (a * a).sum(0), (b * b).sum(0), a.T @ b]
+        self.sums = batch if not self.sums else [s + t for s, t in zip(self.sums, batch)]
+        self.rows += a.shape[0]
+
+    def correlation(self) -> Tensor:
+        """corr[i, j]: Pearson correlation of the first layer's channel i with the second's channel j (0 where a
+        channel is constant, e.g. a unit that never fires)."""
+        sum_a, sum_b, sum_aa, sum_bb, sum_ab = (s / self.rows for s in self.sums)
+        std_a = (sum_aa - sum_a * sum_a).clamp_min(0).sqrt()
+        std_b = (sum_bb - sum_b * sum_b).clamp_min(0).sqrt()
+        covariance = sum_ab - sum_a[:, None] * sum_b[None, :]
+        scale = std_a[:, None] * std_b[None, :]
+        return torch.where(scale > 1e-12, covariance / scale.clamp_min(1e-12), torch.zeros_like(covariance))
+
+
+def match_activations(
+    spec: PermutationSpec, reference: nn.Module, other: nn.Module, batches: Iterable[Tensor]
+) -> Permutations:
+    """Permutations that line `other`'s hidden units up with `reference`'s by what they compute on `batches`.
+
+    Both models run in eval mode on each batch of inputs (already normalised, on the models' device); per group,
+    the assignment maximises the correlation between paired units, summed over the group's producer layers
+    (``activation_producers``). ``permute_state_dict(spec, other.state_dict(), perms)`` is then `other`, reordered.
+    """
+    producers = activation_producers(spec, reference)
+    names = {name for group_names in producers.values() for name in group_names}
+    reference_modules = dict(reference.named_modules())
+    other_modules = dict(other.named_modules())
+    missing = sorted(names - other_modules.keys())
+    if missing:
+        raise AggregationError(f"activation matching: the other model has no module(s) {', '.join(missing[:5])}")
+    captured: dict[str, Tensor] = {}
+    moments = {name: _CrossMoments() for name in names}
+
+    def keep_reference(name: str):
+        def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+            # A copy: the next layer may be an in-place ReLU, which would change this output before it is compared.
+            captured[name] = output.detach().clone()
+        return hook
+
+    def compare_other(name: str):
+        def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+            moments[name].add(captured.pop(name), output)
+        return hook
+
+    handles = [reference_modules[n].register_forward_hook(keep_reference(n)) for n in names]
+    handles += [other_modules[n].register_forward_hook(compare_other(n)) for n in names]
+    modes = (reference.training, other.training)
+    try:
+        reference.eval()
+        other.eval()
+        with torch.no_grad():
+            for inputs in batches:
+                reference(inputs)
+                other(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        reference.train(modes[0])
+        other.train(modes[1])
+    if any(m.rows == 0 for m in moments.values()):
+        raise AggregationError("activation matching needs at least one batch of inputs, got none")
+    correlations = {group: sum(moments[name].correlation() for name in group_names).cpu().numpy()
+                    for group, group_names in producers.items()}
+    perms: Permutations = {group: torch.from_numpy(_best_assignment(score)) for group, score in correlations.items()}
+    # Activations can leave units indistinguishable: one constant over the images (dead, or saturated) correlates
+    # with nothing, and units that fire on the same few images correlate perfectly with each other. The weights
+    # break such ties: correlations are compared to 1e-6 (closer is float noise over the rows), and a term below
+    # that, scored as weight matching does with the other groups in the order their activations gave, decides
+    # between equals.
+    reference_sd, other_sd = reference.state_dict(), other.state_dict()
+    tie_broken: Permutations = {}
+    for group, score in correlations.items():
+        weights = _assignment_score(spec, group, reference_sd, other_sd, perms)
+        scale = np.abs(weights).max()
+        score = np.round(score, 6) + (1e-7 * weights / scale if scale > 0 else 0.0)
+        tie_broken[group] = torch.from_numpy(_best_assignment(score))
+    return tie_broken
+
+
 def align_to_reference(
     state_dicts: Sequence[Mapping[str, Tensor]],
     weights: Sequence[float],
     spec: PermutationSpec,
     *,
-    max_iter: int = 100,
-    seed: int = 0,
+    match: Matcher | None = None,
 ) -> list[dict[str, Tensor]]:
     """Every edge's state dict permuted to match the reference edge (most samples; ties: the first).
 
-    Returns one state dict per input, in the input order, ready for ``average_state_dicts(aligned, weights)``;
-    the reference comes back unchanged (as a new dict holding the same tensors).
+    ``match(reference, other)`` finds each edge's permutations (default: weight matching, ``match_weights`` with
+    seed 0). Returns one state dict per input, in the input order, ready for ``average_state_dicts(aligned,
+    weights)``; the reference comes back unchanged (as a new dict holding the same tensors).
     """
     state_dicts = list(state_dicts)
     weights = list(weights)
     if len(state_dicts) != len(weights):
         raise AggregationError(f"got {len(state_dicts)} state dicts but {len(weights)} weights")
+    if match is None:
+        def match(reference: Mapping[str, Tensor], other: Mapping[str, Tensor]) -> Permutations:
+            return match_weights(spec, reference, other)
     ref = reference_index(weights)
     reference = state_dicts[ref]
     spec.check_state_dict(reference, f"edge {ref} (reference)")
@@ -240,6 +367,6 @@ def align_to_reference(
             aligned.append(dict(reference))
             continue
         spec.check_state_dict(state_dict, f"edge {index}")
-        perms = match_weights(spec, reference, state_dict, max_iter=max_iter, seed=seed)
+        perms = match(reference, state_dict)
         aligned.append(permute_state_dict(spec, state_dict, perms))
     return aligned

@@ -287,7 +287,7 @@ def aggregate(ctx: RunContext, tally: Tally, aggregator: Aggregator, edges_phase
         record, averaged = cached
     else:
         start = time.perf_counter()
-        averaged = aggregator.result(ctx.server)
+        averaged = aggregator.result(ctx.server, ctx.pool.training_data)
         aggregate_s = time.perf_counter() - start
         record: dict[str, Any] = {"seconds": aggregate_s, "accuracy": ctx.server.evaluate(averaged)}
         if ctx.cfg["bn_recalibration"]:

@@ -34,6 +34,8 @@ class Strategy(Option, ABC):
     updates_edges: ClassVar[bool] = True
     # Whether each edge still has its own pre-trained model at the update (update modes that keep or compare it).
     keeps_pretrained: ClassVar[bool] = False
+    # Whether it combines the edges' models with the rule ``aggregation`` names.
+    aggregates: ClassVar[bool] = False
 
     @classmethod
     def run(cls, ctx: RunContext) -> Outcome:
@@ -58,6 +60,7 @@ class ECAvg(Strategy):
     server_training = "optional"
     fills = "all"
     keeps_pretrained = True
+    aggregates = True
 
     @classmethod
     def compose(cls, ctx: RunContext, tally: Tally) -> tuple[StateDict | None, dict[str, object]]:
@@ -113,6 +116,7 @@ class FedAvg(Strategy):
     title = "FedAvg (same total epochs)"
     summary = "`fedavg.rounds` rounds of `edge.epochs` local epochs + weighted averaging, no server data"
     fills = "`accuracy_before` (after round 1's local training), `accuracy_after`, `accuracy_averaged`"
+    aggregates = True
 
     @classmethod
     def compose(cls, ctx: RunContext, tally: Tally) -> tuple[StateDict | None, dict[str, object]]:
@@ -135,7 +139,7 @@ class FedAvg(Strategy):
                 records = phases.train_edges(ctx, tally, phase, global_weights, epochs=ctx.cfg["edge"]["epochs"],
                                              aggregator=aggregator, checkpoint_edges=False)
                 t = time.perf_counter()
-                global_weights = aggregator.result(ctx.server)
+                global_weights = aggregator.result(ctx.server, ctx.pool.training_data)
                 tally.timing["aggregate"] += time.perf_counter() - t
                 record = {
                     "accuracy": ctx.server.evaluate(global_weights),

@@ -145,9 +145,13 @@ def plan_inputs(cfg: dict[str, Any], participants: Participants, rates: ComputeR
         for k, (e, size) in enumerate(zip(participants.edges, data_bytes)))
     warmup = cfg["init"] == "warmup" and cfg["warmup"]["epochs"] > 0
     fraction = cfg["warmup"]["data_fraction"]
-    bn = 0
+    forward = 0
     if cfg["bn_recalibration"] and batchnorm_keys(participants.server.new_model()):
-        bn = min(union, BN_RECALIBRATION_BATCHES * cfg["server"]["batch_size"])
+        forward += min(union, BN_RECALIBRATION_BATCHES * cfg["server"]["batch_size"])
+    if cfg["strategy"] == "ecavg":
+        from ecavg.core.aggregation import AGGREGATORS
+
+        forward += AGGREGATORS.get(cfg["aggregation"]).forward_samples(cfg, len(participants.edges), union)
     hello_extra_s = HELLO_EXTRA_S
     train_start_s = rates.train_start_s if rates.train_start_s is not None else TRAIN_START_S
     server_train_start_s = None
@@ -167,7 +171,7 @@ def plan_inputs(cfg: dict[str, Any], participants: Participants, rates: ComputeR
         eval_each_epoch=bool(cfg["eval_each_epoch"]), fedavg_rounds=cfg["fedavg"]["rounds"], upload_data=upload,
         warmup_epochs=cfg["warmup"]["epochs"] if warmup else 0,
         warmup_samples=(union if fraction >= 1.0 else max(1, round(union * fraction))) if warmup else 0,
-        bn_recalibration_samples=bn, update_mode=cfg["update"]["mode"], update_epochs=cfg["update"]["epochs"],
+        aggregate_forward_samples=forward, update_mode=cfg["update"]["mode"], update_epochs=cfg["update"]["epochs"],
         update_batch_size=cfg["update"]["batch_size"] or cfg["edge"]["batch_size"],
         message_overhead_s=message_overhead_s, hello_overhead_s=message_overhead_s + hello_extra_s,
         train_start_s=train_start_s, server_train_start_s=server_train_start_s,

@@ -116,7 +116,8 @@ class PlanInputs:
     upload_data: bool = False  # edges send their data (share_data = "full" and the server trains)
     warmup_epochs: int = 0  # init = "warmup": the server trains first, on this share of the union
     warmup_samples: int = 0
-    bn_recalibration_samples: int = 0  # forward passes over this many samples in the aggregate step
+    # Forward passes over this many samples in the aggregate step (BatchNorm recalibration, activation matching).
+    aggregate_forward_samples: int = 0
     update_mode: str = "replace"
     update_epochs: int = 0
     update_batch_size: int = 0
@@ -269,7 +270,7 @@ def predict(p: PlanInputs) -> list[PhaseEstimate]:
             phases.append(estimate)
     if p.strategy == "ecavg":
         phases.append(_server("aggregate", r.average_s + p.full_test_samples * r.eval_s
-                              + p.bn_recalibration_samples * r.eval_s))
+                              + p.aggregate_forward_samples * r.eval_s))
     server_phase = {"ecavg": "finetune", "centralized": "centralized"}.get(p.strategy)
     if server_phase and p.server_train_samples > 0 and p.server_epochs > 0:
         evaluations = p.server_epochs if p.eval_each_epoch else 1
