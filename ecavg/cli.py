@@ -218,13 +218,14 @@ def _cmd_options(args: argparse.Namespace) -> int:
     defaults = schema()[0]
     for registry in REGISTRIES:
         print(f"{registry.selector} (default {registry.default!r}):")
+        width = max(len(option.name) for option in registry)  # names line up within each registry
         for option in registry:
-            print(f"  {option.name:<12} {option.summary}")
+            print(f"  {option.name:<{width}} {option.summary}")
             for dotted, key in getattr(option, "keys", {}).items():
                 node = defaults
                 for part in dotted.split("."):
                     node = node[part]
-                print(f"  {'':<12}   {dotted} = {node!r}{'  ' + key.doc if key.doc else ''}")
+                print(f"  {'':<{width}}   {dotted} = {node!r}{'  ' + key.doc if key.doc else ''}")
         print()
     return 0
 

@@ -126,3 +126,14 @@ def test_server_data_fraction_zero_is_one_shot_averaging(tmp_path, monkeypatch):
 def test_server_data_fraction_zero_refuses_what_needs_server_data(extra):
     with pytest.raises(ConfigError, match="server_data_fraction = 0"):
         resolve_config({"server_data_fraction": 0, **extra})
+
+
+def test_options_lists_activation_matching_with_its_key_and_aligned_summaries(capsys):
+    from ecavg.cli import main
+
+    assert main(["options"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    plain = next(line for line in lines if line.startswith("  average "))
+    matched = next(line for line in lines if line.startswith("  match_activations "))
+    assert plain.index("average weighted") == matched.index("permute each")  # the summaries start in one column
+    assert any("matching.samples = 5000" in line for line in lines)

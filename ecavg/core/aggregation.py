@@ -15,7 +15,7 @@ import torch
 
 from ecavg.config.checks import int_at_least
 from ecavg.core.averaging import StreamingAverager, average_state_dicts
-from ecavg.core.matching import Permutations, align_to_reference, match_activations, match_weights
+from ecavg.core.matching import Matcher, Permutations, align_to_reference, match_activations, match_weights
 from ecavg.core.participants import derive_seed
 from ecavg.core.permutation_specs import PermutationSpec, permutation_spec
 from ecavg.core.records import StateDict
@@ -122,7 +122,7 @@ class MatchedAverage(Aggregator):
                                      match=self.matcher(spec, server, server_data))
         return average_state_dicts(aligned, self._counts, names=self._names)
 
-    def matcher(self, spec: PermutationSpec, server: ServerWorker, server_data: ServerData):
+    def matcher(self, spec: PermutationSpec, server: ServerWorker, server_data: ServerData) -> Matcher:
         """How one edge's permutations are found: ``(reference weights, other weights) -> permutations``."""
         seed = self.cfg["seed"]
 
@@ -131,8 +131,8 @@ class MatchedAverage(Aggregator):
         return match
 
 
-# Images per forward pass when comparing activations: a ResNet50's first stage keeps about 70 MB of outputs per
-# layer at this size, for each of its ten layers that write to the stream.
+# Images per forward pass when comparing activations: the reference's outputs of every compared layer are kept
+# for one batch, about 0.9 GB for a ResNet50 with the CIFAR stem at this size.
 _MATCH_BATCH = 64
 
 
@@ -157,7 +157,7 @@ class ActivationMatchedAverage(MatchedAverage):
         # The reference model and each other edge's, on the same images, once per other edge.
         return 2 * (num_edges - 1) * min(server_samples, int(cfg["matching"]["samples"]))
 
-    def matcher(self, spec: PermutationSpec, server: ServerWorker, server_data: ServerData):
+    def matcher(self, spec: PermutationSpec, server: ServerWorker, server_data: ServerData) -> Matcher:
         data = server_data()
         count = min(int(self.cfg["matching"]["samples"]), len(data))
         generator = torch.Generator().manual_seed(derive_seed(server.seed, "matching-subset", "server"))
