@@ -40,6 +40,7 @@ CASES = [
 MATCH_CASES = [pytest.param(*case, marks=pytest.mark.slow)
                if case[0] == "resnet50" or (case[0] == "mobilenet_v2" and case[1].get("width_mult") != 0.5) else case
                for case in CASES]
+BATCH = 8  # random images per batch for activation matching (two batches)
 CASE_IDS = [f"{name}-{'-'.join(f'{k}={v}' for k, v in opts.items()) or 'default'}-{ch}ch"
             for name, opts, ch, _ in CASES]
 
@@ -107,14 +108,24 @@ def test_permuting_hidden_units_preserves_the_function(name, options, in_channel
     assert not torch.allclose(broken, expected, rtol=1e-4, atol=1e-4 * max(scale, 1.0))
 
 
+@pytest.mark.parametrize("matcher", ["weights", "activations"])
 @pytest.mark.parametrize(("name", "options", "in_channels", "image_size"), MATCH_CASES, ids=CASE_IDS)
-def test_matching_recovers_a_permuted_copy_exactly(name, options, in_channels, image_size):
+def test_matching_recovers_a_permuted_copy_exactly(name, options, in_channels, image_size, matcher):
     model = _model_with_distinct_norms(name, options, in_channels, image_size, seed=3)
     spec = permutation_spec(name, model)
     original = _snapshot(model)
     permuted = permute_state_dict(spec, original, _random_permutations(spec, seed=4))
 
-    perms = match_weights(spec, original, permuted, seed=5)
+    if matcher == "weights":
+        perms = match_weights(spec, original, permuted, seed=5)
+    else:
+        other = _model_with_distinct_norms(name, options, in_channels, image_size, seed=9)
+        other.load_state_dict(permuted)
+        generator = torch.Generator().manual_seed(6)
+        batches = [torch.randn(BATCH, in_channels, image_size, image_size, generator=generator) for _ in range(2)]
+        perms = match_activations(spec, model, other, batches)
+        assert not model.training and not other.training  # modes restored (both were in eval mode)
+        assert not model._forward_hooks and all(not m._forward_hooks for m in other.modules())  # hooks removed
     recovered = permute_state_dict(spec, permuted, perms)
     assert recovered.keys() == original.keys()
     for key in original:
@@ -180,28 +191,6 @@ def test_bad_permutations_are_refused():
         permute_state_dict(spec, state, {})
     with pytest.raises(AggregationError, match="not a permutation"):
         permute_state_dict(spec, state, {"hidden": torch.tensor([0, 0, 1])})
-
-
-@pytest.mark.parametrize(("name", "options", "in_channels", "image_size"), MATCH_CASES, ids=CASE_IDS)
-def test_activation_matching_recovers_a_permuted_copy_exactly(name, options, in_channels, image_size):
-    model = _model_with_distinct_norms(name, options, in_channels, image_size, seed=3)
-    spec = permutation_spec(name, model)
-    original = _snapshot(model)
-    permuted = permute_state_dict(spec, original, _random_permutations(spec, seed=4))
-    other = _model_with_distinct_norms(name, options, in_channels, image_size, seed=9)
-    other.load_state_dict(permuted)
-    # 64 images: with 16, a few of ResNet18's last-stage units (1x1 positions at this image size) are constant over
-    # the batch, and a constant unit correlates with nothing, so nothing says where it belongs.
-    generator = torch.Generator().manual_seed(6)
-    batches = [torch.randn(32, in_channels, image_size, image_size, generator=generator) for _ in range(2)]
-
-    perms = match_activations(spec, model, other, batches)
-    assert perms.keys() == spec.sizes.keys()
-    recovered = permute_state_dict(spec, permuted, perms)
-    for key in original:
-        assert torch.equal(recovered[key], original[key]), key
-    assert not model.training and not other.training  # modes restored (both were in eval mode)
-    assert not model._forward_hooks and all(not m._forward_hooks for m in other.modules())  # hooks removed
 
 
 def test_activation_matching_places_units_that_never_vary_by_their_weights():
