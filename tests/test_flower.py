@@ -741,6 +741,7 @@ def test_activation_matching_over_the_flower_pool_as_embedded(tmp_path, task_ide
     assert _accuracies(served) == _accuracies(embedded)
     assert served["deploy"]["data_bytes_up"] > 0
 
+
 @pytest.mark.slow
 def test_share_data_none_without_server_data_is_a_one_shot_fedavg(tmp_path, task_identity):
     served = _serve_in_process(tmp_path, _quick_config(deploy={"share_data": "none"}))

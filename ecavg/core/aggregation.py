@@ -159,9 +159,8 @@ class ActivationMatchedAverage(MatchedAverage):
 
     def matcher(self, spec: PermutationSpec, server: ServerWorker, server_data: ServerData) -> Matcher:
         data = server_data()
-        count = min(int(self.cfg["matching"]["samples"]), len(data))
-        generator = torch.Generator().manual_seed(derive_seed(server.seed, "matching-subset", "server"))
-        images = data.subset(torch.randperm(len(data), generator=generator)[:count].sort().values)
+        images = data.random_subset(min(int(self.cfg["matching"]["samples"]), len(data)),
+                                    derive_seed(server.seed, "matching-subset", "server"))
         loader = server.factory.loader(images, _MATCH_BATCH, train=False)
         reference_model: list[tuple[Mapping[str, torch.Tensor], torch.nn.Module]] = []
 

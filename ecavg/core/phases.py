@@ -11,8 +11,6 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import torch
-
 from ecavg.core.aggregation import Aggregator
 from ecavg.core.checkpoint import PhaseStore
 from ecavg.core.objectives import ServerObjective
@@ -95,9 +93,7 @@ def random_share(data: ImageDataset, fraction: float, seed: int) -> ImageDataset
     """A seeded random share of ``data`` (the warm-up's data)."""
     if fraction >= 1.0:
         return data
-    g = torch.Generator().manual_seed(derive_seed(seed, "warmup-subset"))
-    keep = torch.randperm(len(data), generator=g)[: max(1, int(round(len(data) * fraction)))]
-    return data.subset(keep.sort().values)
+    return data.random_subset(max(1, int(round(len(data) * fraction))), derive_seed(seed, "warmup-subset"))
 
 
 # How often (seconds of the phase) a streamed phase rewrites its running checkpoint: at most this much edge work is

@@ -81,6 +81,11 @@ class ImageDataset:
             )
         return ImageDataset(self.images[index], self.labels[index], list(self.classes))
 
+    def random_subset(self, count: int, seed: int) -> ImageDataset:
+        """``count`` samples drawn without replacement by a generator seeded with ``seed``, kept in their order."""
+        generator = torch.Generator().manual_seed(seed)
+        return self.subset(torch.randperm(len(self), generator=generator)[:count].sort().values)
+
 
 @dataclass
 class DatasetSplits:
