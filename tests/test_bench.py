@@ -280,3 +280,25 @@ def test_time_to_accuracy_times_the_fast_config_and_its_centralized_baseline(tmp
     assert missed["reached"] is False and missed["seconds_to_target"] is None and missed["within_goal"] is False
     slow = time_to_accuracy.judge(results, 10.0, worst, 5)
     assert slow["reached"] and slow["seconds_to_target"] == 10.0 and slow["within_goal"] is False
+
+
+def test_codec_trained_scores_a_runs_model_under_each_codec(tmp_path, capsys):
+    from bench import codec_trained
+    from ecavg.core.codecs import CODECS
+    from ecavg.experiment import run_experiment
+
+    config = {"strategy": "ecavg", "threads": 1, "data": {"dataset": "mnist-sample", "train_fraction": 0.25},
+              "model": {"name": "mlp", "hidden": 32}, "edge": {"epochs": 1}, "server": {"epochs": 1}}
+    results = run_experiment(config, output_dir=tmp_path / "run")
+    rows = {row["codec"]: row for row in codec_trained.measure(tmp_path / "run", None, 1)}
+    assert list(rows) == list(CODECS)
+    # fp32 is the run's own fine-tuned model, scored as results.json scored it.
+    assert rows["fp32"]["accuracy"] == results["server"]["accuracy_finetuned"]
+    assert rows["fp32"]["change_pp"] == 0 and rows["fp32"]["of_fp32"] == 1
+    assert rows["int8"]["bytes"] < rows["fp16"]["bytes"] < rows["fp32"]["bytes"]
+    assert all(abs(row["change_pp"]) < 2 for row in rows.values())  # a 32-unit MLP survives 8 bits
+    assert codec_trained.main([str(tmp_path / "run"), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert [row["codec"] for row in printed[str(tmp_path / "run")]] == list(CODECS)
+    assert codec_trained.main([str(tmp_path / "nothing")]) == 2
+    assert "no server.safetensors" in capsys.readouterr().err
