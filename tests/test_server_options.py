@@ -137,3 +137,39 @@ def test_options_lists_activation_matching_with_its_key_and_aligned_summaries(ca
     matched = next(line for line in lines if line.startswith("  match_activations "))
     assert plain.index("average weighted") == matched.index("permute each")  # the summaries start in one column
     assert any("matching.samples = 5000" in line for line in lines)
+
+
+def test_resume_of_an_ecavg_plus_run_redoes_none_of_its_finished_steps(tmp_path, monkeypatch):
+    """Interrupted in the server's fine-tuning, a run with the warm-up, activation matching, distillation and a
+    server share resumes without warming up, training an edge or matching again, and ends as an uninterrupted
+    run does."""
+    from ecavg.core import aggregation
+    from ecavg.core.participants import EdgeWorker
+
+    config = quick(init="warmup", aggregation="match_activations", matching={"samples": 200},
+                   server_data_fraction=0.5, server={"objective": "distill"})
+    whole = run_experiment(config, output_dir=tmp_path / "whole")
+    real_train = ServerWorker.train
+
+    def interrupted(self, *args, **kwargs):
+        if kwargs.get("phase") == "finetune":
+            raise KeyboardInterrupt
+        return real_train(self, *args, **kwargs)
+
+    monkeypatch.setattr(ServerWorker, "train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(config, output_dir=tmp_path / "run")
+
+    def only_finetune(self, *args, **kwargs):
+        assert kwargs.get("phase") == "finetune", f"the {kwargs.get('phase')} step ran again on resume"
+        return real_train(self, *args, **kwargs)
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a finished step ran again on resume")
+
+    monkeypatch.setattr(ServerWorker, "train", only_finetune)
+    monkeypatch.setattr(EdgeWorker, "fit", must_not_run)
+    monkeypatch.setattr(aggregation, "match_activations", must_not_run)
+    resumed = run_experiment(resume=tmp_path / "run")
+    assert resumed["server"] == whole["server"]  # the ensemble's accuracy included: the edges' models were kept
+    assert [e["accuracy_after"] for e in resumed["edges"]] == [e["accuracy_after"] for e in whole["edges"]]
