@@ -29,7 +29,7 @@ from bench.common import load_average, print_table
 from ecavg.core.codecs import CODECS
 from ecavg.core.serialization import load_state_dict
 from ecavg.core.transfer import Transfer
-from ecavg.errors import ConfigError
+from ecavg.errors import ConfigError, EcavgError
 from ecavg.host import host_info
 from ecavg.runtime.setup import RunDirectory, build_participants, prepare_compute
 
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     for run in args.runs:
         try:
             rows = measure(run, args.data_dir, args.threads)
-        except ConfigError as error:
+        except EcavgError as error:  # a missing or corrupt run, weights or dataset: one line, no traceback
             print(f"codec_trained: {error}", file=sys.stderr)
             return 2
         results[str(run)] = rows

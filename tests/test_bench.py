@@ -302,3 +302,6 @@ def test_codec_trained_scores_a_runs_model_under_each_codec(tmp_path, capsys):
     assert [row["codec"] for row in printed[str(tmp_path / "run")]] == list(CODECS)
     assert codec_trained.main([str(tmp_path / "nothing")]) == 2
     assert "no server.safetensors" in capsys.readouterr().err
+    (tmp_path / "run" / "server.safetensors").write_bytes(b"not safetensors")
+    assert codec_trained.main([str(tmp_path / "run")]) == 2
+    assert "server.safetensors" in capsys.readouterr().err.splitlines()[-1]
