@@ -5,11 +5,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from interrupt import run_interrupted_in_finetune
 from tiny_config import with_overrides
 
 import ecavg
 from ecavg.cli import main
-from ecavg.core.participants import EdgeWorker, ServerWorker
+from ecavg.core.participants import EdgeWorker
 from ecavg.core.serialization import load_state_dict
 from ecavg.experiment import run_experiment
 
@@ -117,20 +118,10 @@ def test_independent_inits_and_bn_recalibration(tmp_path):
 
 def test_resume_skips_finished_phases(tmp_path, monkeypatch):
     out = tmp_path / "run"
-    real_train = ServerWorker.train
-
-    def interrupted(self, *args, **kwargs):
-        if kwargs.get("phase") == "finetune":
-            raise KeyboardInterrupt
-        return real_train(self, *args, **kwargs)
-
-    monkeypatch.setattr(ServerWorker, "train", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        run_experiment(quick(), output_dir=out)
+    run_interrupted_in_finetune(monkeypatch, quick(), out)
     assert (out / "checkpoints" / "averaged.json").exists()
     assert not (out / "results.json").exists()
 
-    monkeypatch.setattr(ServerWorker, "train", real_train)
     # A killed atomic write leaves its temporary file behind; the resume removes it.
     (out / "checkpoints" / ".finetune.safetensors.123.tmp").write_bytes(b"partial")
 

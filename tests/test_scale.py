@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from interrupt import run_interrupted_in_finetune
 from tiny_config import with_overrides
 
 from ecavg.core import phases
 from ecavg.core.averaging import StreamingAverager
-from ecavg.core.participants import EdgeWorker, ServerWorker
+from ecavg.core.participants import EdgeWorker
 from ecavg.core.serialization import decode_state_dict, encode_state_dict, load_state_dict
 from ecavg.errors import AggregationError
 from ecavg.experiment import run_experiment
@@ -201,17 +202,7 @@ def test_running_sum_is_rewritten_as_edges_reply(tmp_path, monkeypatch):
 
 def test_resume_after_aggregation_needs_no_running_sum(tmp_path, monkeypatch):
     out = tmp_path / "run"
-    real_train = ServerWorker.train
-
-    def interrupted(self, *args, **kwargs):
-        if kwargs.get("phase") == "finetune":
-            raise KeyboardInterrupt
-        return real_train(self, *args, **kwargs)
-
-    monkeypatch.setattr(ServerWorker, "train", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        run_experiment(config(), output_dir=out)
-    monkeypatch.setattr(ServerWorker, "train", real_train)
+    run_interrupted_in_finetune(monkeypatch, config(), out)
 
     def must_not_train(self, *args, **kwargs):
         raise AssertionError("a finished edge was trained again on resume")

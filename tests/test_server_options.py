@@ -4,6 +4,7 @@ server_data_fraction."""
 
 import pytest
 import torch
+from interrupt import run_interrupted_in_finetune
 from tiny_config import with_overrides
 
 from ecavg.config import ConfigError, resolve_config
@@ -149,16 +150,8 @@ def test_resume_of_an_ecavg_plus_run_redoes_none_of_its_finished_steps(tmp_path,
     config = quick(init="warmup", aggregation="match_activations", matching={"samples": 200},
                    server_data_fraction=0.5, server={"objective": "distill"})
     whole = run_experiment(config, output_dir=tmp_path / "whole")
+    run_interrupted_in_finetune(monkeypatch, config, tmp_path / "run")
     real_train = ServerWorker.train
-
-    def interrupted(self, *args, **kwargs):
-        if kwargs.get("phase") == "finetune":
-            raise KeyboardInterrupt
-        return real_train(self, *args, **kwargs)
-
-    monkeypatch.setattr(ServerWorker, "train", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        run_experiment(config, output_dir=tmp_path / "run")
 
     def only_finetune(self, *args, **kwargs):
         assert kwargs.get("phase") == "finetune", f"the {kwargs.get('phase')} step ran again on resume"
